@@ -1,0 +1,80 @@
+"""Face detection with OpenCV Haar cascades."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from fkd_core.types import Box
+
+CASCADE_DIR = Path(__file__).resolve().parent.parent / "detector_architectures"
+DEFAULT_CASCADE = CASCADE_DIR / "haarcascade_frontalface_default.xml"
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Haar cascade settings; the defaults were chosen by measurement (see README)."""
+
+    cascade: str = str(DEFAULT_CASCADE)
+    scale_factor: float = 1.1
+    min_neighbors: int = 5
+    min_size: int = 30
+    # Images are detected at most this long on their longer side (boxes are scaled back), which bounds
+    # detection time on large photos; 0 disables the downscale.
+    max_side: int = 1024
+
+
+_local = threading.local()
+
+
+def load_cascade(path: str = str(DEFAULT_CASCADE)) -> cv2.CascadeClassifier:
+    """A Haar cascade from an XML file, loaded once per thread.
+
+    ``CascadeClassifier.detectMultiScale`` keeps per-call scratch state inside the object, so one instance
+    shared by threads fails with ``scaleIdx`` assertions; each thread gets its own.
+    """
+    cache = _local.__dict__.setdefault("cascades", {})
+    if path not in cache:
+        cache[path] = _load_cascade(path)
+    return cache[path]
+
+
+def _load_cascade(path: str) -> cv2.CascadeClassifier:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"cascade file not found: {path}")
+    cascade = cv2.CascadeClassifier(path)
+    if cascade.empty():
+        raise ValueError(f"not a valid cascade file: {path}")
+    return cascade
+
+
+def detect_faces(gray: np.ndarray, cfg: DetectorConfig = DetectorConfig()) -> list[Box]:
+    """Detect faces in an 8-bit grayscale image; boxes in original pixels, in detector order."""
+    if gray.ndim != 2 or gray.dtype != np.uint8:
+        raise ValueError(f"expected a (H, W) uint8 image, got {gray.shape} {gray.dtype}")
+    h, w = gray.shape
+    scale = 1.0
+    img = gray
+    if cfg.max_side and max(h, w) > cfg.max_side:
+        scale = cfg.max_side / max(h, w)
+        img = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    min_size = max(1, round(cfg.min_size * scale)) if scale < 1 else cfg.min_size
+    found = load_cascade(cfg.cascade).detectMultiScale(
+        img, scaleFactor=cfg.scale_factor, minNeighbors=cfg.min_neighbors, minSize=(min_size, min_size)
+    )
+    return [Box(*(round(float(v) / scale) for v in b)) for b in np.asarray(found).reshape(-1, 4)]
+
+
+def match_box(boxes: list[Box], cx: float, cy: float) -> int | None:
+    """Index of the box whose centre is nearest to (cx, cy) among boxes that contain it, or None."""
+    best, best_d = None, float("inf")
+    for i, b in enumerate(boxes):
+        if b.contains(cx, cy):
+            d = (b.cx - cx) ** 2 + (b.cy - cy) ** 2
+            if d < best_d:
+                best, best_d = i, d
+    return best

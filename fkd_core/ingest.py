@@ -1,0 +1,131 @@
+"""Ingestion of labelled images into training examples, one shard at a time (the ingest flow's work)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from fkd_core.detect import DetectorConfig, detect_faces
+from fkd_core.errors import ImageError
+from fkd_core.examples import (
+    CANONICAL_MARGIN,
+    CANONICAL_SIZE,
+    BoxMapping,
+    LabelledRow,
+    assign_split,
+    check_inside,
+    make_example,
+    person_of,
+    pick_haar_box,
+)
+from fkd_core.geometry import CropPolicy, keypoint_extent_box
+from fkd_core.image_io import decode_gray, join_uri, read_bytes, sha256_hex
+from fkd_core.parquet_io import EXAMPLES_SCHEMA, keypoint_column, write_table
+from fkd_core.types import Box
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    images: str  # directory or prefix the CSV's file names are relative to
+    out: str  # examples dataset directory
+    split_by: str = "person"
+    val_fraction: float = 0.15
+    seed: int = 0
+    policy: CropPolicy = field(default_factory=CropPolicy)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    canonical_size: int = CANONICAL_SIZE
+    canonical_margin: float = CANONICAL_MARGIN
+
+
+@dataclass
+class ShardResult:
+    """What a shard reports back: counts, refusals, and what the box mapping is fitted on."""
+
+    written: int = 0
+    refused: list[str] = field(default_factory=list)
+    kp_boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
+    det_boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
+    misses: list[LabelledRow] = field(default_factory=list)  # detector missed: cropped once the mapping is fitted
+
+
+class _Rows:
+    def __init__(self) -> None:
+        self.cols: dict[str, list] = {name: [] for name in EXAMPLES_SCHEMA.names}
+
+    def add(
+        self, row: LabelledRow, w: int, h: int, sha: str, gray: np.ndarray, box: Box, source: str, s: IngestSettings
+    ):
+        ex = make_example(gray, row.keypoints, box, s.policy, s.canonical_size, s.canonical_margin)
+        c = self.cols
+        c["image_id"].append(row.image_id)
+        c["person"].append(person_of(row.image_id))
+        c["split"].append(assign_split(row.image_id, s.split_by, s.val_fraction, s.seed))
+        c["width"].append(w)
+        c["height"].append(h)
+        c["crop_size"].append(s.canonical_size)
+        c["crop"].append(ex.crop.tobytes())
+        c["keypoints_x"].append(ex.keypoints[:, 0])
+        c["keypoints_y"].append(ex.keypoints[:, 1])
+        for k, v in zip(("box_x", "box_y", "box_w", "box_h"), (box.x, box.y, box.w, box.h), strict=True):
+            c[k].append(v)
+        c["box_source"].append(source)
+        c["sha256"].append(sha)
+
+    def __len__(self) -> int:
+        return len(self.cols["image_id"])
+
+    def table(self) -> pa.Table:
+        arrays = {k: v for k, v in self.cols.items() if not k.startswith("keypoints_")}
+        tbl = pa.table(arrays)
+        tbl = tbl.append_column("keypoints_x", keypoint_column(self.cols["keypoints_x"] or np.zeros((0, 68))))
+        tbl = tbl.append_column("keypoints_y", keypoint_column(self.cols["keypoints_y"] or np.zeros((0, 68))))
+        return tbl
+
+
+def _load(row: LabelledRow, s: IngestSettings) -> tuple[np.ndarray, int, int, str]:
+    data = read_bytes(join_uri(s.images, row.image_id))
+    img = decode_gray(data)
+    reason = check_inside(row.keypoints, img.width, img.height)
+    if reason:
+        raise ImageError(reason)
+    return img.gray, img.width, img.height, sha256_hex(data)
+
+
+def ingest_shard(rows: list[LabelledRow], shard: int, s: IngestSettings, source: str = "csv") -> ShardResult:
+    """Read, validate, detect and crop one shard of rows; writes ``part-<shard>.parquet`` of detector hits."""
+    res, out = ShardResult(), _Rows()
+    for row in rows:
+        try:
+            gray, w, h, sha = _load(row, s)
+        except ImageError as e:
+            res.refused.append(f"{source} row {row.row_number} ({row.image_id}): {e}")
+            continue
+        box = pick_haar_box(detect_faces(gray, s.detector), row.keypoints)
+        if box is None:
+            res.misses.append(row)
+            continue
+        res.kp_boxes.append(keypoint_extent_box(row.keypoints))
+        res.det_boxes.append((box.x, box.y, box.w, box.h))
+        out.add(row, w, h, sha, gray, box, "haar", s)
+    if len(out):
+        write_table(out.table(), join_uri(s.out, f"part-{shard:05d}.parquet"), EXAMPLES_SCHEMA)
+    res.written = len(out)
+    return res
+
+
+def ingest_misses(rows: list[LabelledRow], shard: int, mapping: BoxMapping, s: IngestSettings) -> ShardResult:
+    """Crop the rows the detector missed, with boxes derived from their keypoints by ``mapping``."""
+    res, out = ShardResult(), _Rows()
+    for row in rows:
+        try:
+            gray, w, h, sha = _load(row, s)
+        except ImageError as e:  # pragma: no cover - it was readable a moment ago
+            res.refused.append(f"row {row.row_number} ({row.image_id}): {e}")
+            continue
+        out.add(row, w, h, sha, gray, mapping.box_for(row.keypoints), "keypoints", s)
+    if len(out):
+        write_table(out.table(), join_uri(s.out, f"part-{shard:05d}.parquet"), EXAMPLES_SCHEMA)
+    res.written = len(out)
+    return res

@@ -1,0 +1,190 @@
+"""Parquet schemas (the data contracts of DESIGN.md) and writers/readers over fsspec."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from fkd_core.image_io import join_uri, url_to_fs
+from fkd_core.types import NUM_KEYPOINTS
+
+KP_TYPE = pa.list_(pa.float32(), NUM_KEYPOINTS)
+TS_TYPE = pa.timestamp("us", tz="UTC")
+
+EXAMPLES_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("person", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("crop_size", pa.int16(), nullable=False),
+        pa.field("crop", pa.binary(), nullable=False),  # crop_size**2 bytes, grayscale uint8, row-major
+        pa.field("keypoints_x", KP_TYPE, nullable=False),  # canonical-crop pixels
+        pa.field("keypoints_y", KP_TYPE, nullable=False),
+        pa.field("box_x", pa.float32(), nullable=False),  # detector(-like) box in original pixels
+        pa.field("box_y", pa.float32(), nullable=False),
+        pa.field("box_w", pa.float32(), nullable=False),
+        pa.field("box_h", pa.float32(), nullable=False),
+        pa.field("box_source", pa.string(), nullable=False),  # "haar" or "keypoints"
+        pa.field("sha256", pa.string(), nullable=False),
+    ]
+)
+
+IMAGES_SCHEMA = pa.schema(
+    [
+        pa.field("image_uri", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # ok | no_face | error
+        pa.field("error", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("n_faces", pa.int16(), nullable=False),
+        pa.field("bytes", pa.int64(), nullable=False),
+        pa.field("sha256", pa.string()),
+        pa.field("created_at", TS_TYPE, nullable=False),
+    ]
+)
+
+FACES_SCHEMA = pa.schema(
+    [
+        pa.field("image_uri", pa.string(), nullable=False),
+        pa.field("face_index", pa.int16(), nullable=False),
+        pa.field("box_x", pa.int32(), nullable=False),
+        pa.field("box_y", pa.int32(), nullable=False),
+        pa.field("box_w", pa.int32(), nullable=False),
+        pa.field("box_h", pa.int32(), nullable=False),
+        pa.field("keypoints_x", KP_TYPE, nullable=False),  # original image pixels, iBUG 300-W order
+        pa.field("keypoints_y", KP_TYPE, nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("created_at", TS_TYPE, nullable=False),
+    ]
+)
+
+
+def keypoint_column(values: Sequence[np.ndarray] | np.ndarray) -> pa.FixedSizeListArray:
+    """(N, 68) floats -> fixed_size_list<float32>[68] array."""
+    arr = np.asarray(values, dtype=np.float32).reshape(-1, NUM_KEYPOINTS)
+    return pa.FixedSizeListArray.from_arrays(pa.array(arr.ravel(), pa.float32()), NUM_KEYPOINTS)
+
+
+def keypoints_from_column(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """fixed_size_list<float32>[68] -> (N, 68) float32."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, NUM_KEYPOINTS)
+
+
+def validate(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Cast ``table`` to ``schema`` (column order and types), refusing missing columns or nulls in required ones."""
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise ValueError(f"table lacks columns {missing}")
+    table = table.select(schema.names).cast(schema)
+    for f in schema:
+        if not f.nullable and table.column(f.name).null_count:
+            raise ValueError(f"column {f.name!r} has nulls but is required")
+    return table
+
+
+def write_table(table: pa.Table, uri: str, schema: pa.Schema | None = None) -> None:
+    """Write one Parquet file so that readers never see a partial file.
+
+    Local files are written beside and renamed into place; object stores publish a single PUT atomically.
+    """
+    if schema is not None:
+        table = validate(table, schema)
+    fs, path = url_to_fs(uri)
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    if _is_local(fs):
+        # Hidden and not ending in .parquet, so neither our readers nor a `*.parquet` glob ever see it.
+        tmp = f"{parent}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.tmp"
+        pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+        fs.mv(tmp, path)
+    else:
+        pq.write_table(table, path, filesystem=fs, compression="zstd")
+
+
+def write_json(obj: dict, uri: str) -> None:
+    """Write a JSON document atomically (same rule as :func:`write_table`)."""
+    fs, path = url_to_fs(uri)
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+    if _is_local(fs):
+        tmp = f"{parent}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.tmp"
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_json(uri: str) -> dict | None:
+    """A JSON document, or None if it does not exist."""
+    fs, path = url_to_fs(uri)
+    if not fs.exists(path):
+        return None
+    return json.loads(fs.cat_file(path))
+
+
+def exists(uri: str) -> bool:
+    fs, path = url_to_fs(uri)
+    return fs.exists(path)
+
+
+def _is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def dataset(uri: str, schema: pa.Schema | None = None, partitioning: str | None = None) -> pads.Dataset:
+    """A lazily scanned Parquet dataset under a directory or prefix (``hive`` partitioning optional).
+
+    Hidden/temporary files (``.*.tmp``) are ignored, so an interrupted writer's leftovers are never read.
+    """
+    fs, path = url_to_fs(uri)
+    return pads.dataset(
+        path,
+        filesystem=fs,
+        format="parquet",
+        partitioning=partitioning,
+        schema=schema,
+        exclude_invalid_files=False,
+        ignore_prefixes=[".", "_"],
+    )
+
+
+def part_uri(base: str, table: str, run_id: str, shard: int) -> str:
+    """``<base>/<table>/run_id=<id>/part-<shard>.parquet`` (DESIGN.md layout)."""
+    return join_uri(base, table, f"run_id={run_id}", f"part-{shard:05d}.parquet")
+
+
+def read_examples(uri: str, split: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Canonical crops (N, C, C) uint8, keypoints (N, 68, 2) in crop pixels, and image ids of a split.
+
+    Training needs random access to every example, so this materialises the split (about 20 KB a face).
+    """
+    import pyarrow.compute as pc
+
+    ds = dataset(uri, schema=EXAMPLES_SCHEMA)
+    flt = pc.field("split") == split if split else None
+    tbl = ds.to_table(columns=["image_id", "crop_size", "crop", "keypoints_x", "keypoints_y"], filter=flt)
+    tbl = tbl.sort_by("image_id")  # part order depends on scheduling; sorting makes training deterministic
+    n = tbl.num_rows
+    if n == 0:
+        return np.zeros((0, 1, 1), np.uint8), np.zeros((0, NUM_KEYPOINTS, 2), np.float32), []
+    sizes = set(tbl.column("crop_size").to_pylist())
+    if len(sizes) != 1:
+        raise ValueError(f"{uri}: examples have mixed crop sizes {sorted(sizes)}")
+    c = sizes.pop()
+    crops = np.frombuffer(b"".join(tbl.column("crop").to_pylist()), np.uint8).reshape(n, c, c)
+    kp = np.stack(
+        [keypoints_from_column(tbl.column("keypoints_x")), keypoints_from_column(tbl.column("keypoints_y"))], axis=-1
+    )
+    return crops, kp, tbl.column("image_id").to_pylist()

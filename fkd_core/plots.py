@@ -1,0 +1,89 @@
+"""Pictures: loss curves, annotated images and montages (PNG bytes out, no file access)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from fkd_core.types import Box
+
+# Colours per iBUG 300-W region (BGR): jaw, brows, nose, eyes, mouth.
+_REGIONS = (
+    (0, 17, (255, 200, 0)),
+    (17, 27, (0, 200, 255)),
+    (27, 36, (0, 255, 0)),
+    (36, 48, (255, 0, 255)),
+    (48, 68, (0, 0, 255)),
+)
+
+
+def loss_curve_png(
+    epochs: list[int], train: list[float], val: list[float], val_nme: list[float] | None = None
+) -> bytes:
+    """Train/validation MSE per epoch (log scale), with validation NME on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(epochs, train, label="train MSE")
+    ax.plot(epochs, val, label="validation MSE")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MSE (keypoints in [-1, 1])")
+    if val_nme:
+        ax2 = ax.twinx()
+        ax2.plot(epochs, val_nme, color="tab:green", linestyle="--", label="validation NME")
+        ax2.set_ylabel("NME")
+        ax2.legend(loc="upper center")
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def draw_faces(
+    gray_or_bgr: np.ndarray,
+    boxes: list[Box],
+    keypoints: list[np.ndarray],
+    radius: int | None = None,
+    truth: list[np.ndarray] | None = None,
+) -> np.ndarray:
+    """BGR image with boxes and keypoints drawn (truth, if given, as white hollow circles)."""
+    img = cv2.cvtColor(gray_or_bgr, cv2.COLOR_GRAY2BGR) if gray_or_bgr.ndim == 2 else gray_or_bgr.copy()
+    r = radius or max(1, round(max(img.shape[:2]) / 300))
+    for b in boxes:
+        cv2.rectangle(
+            img, (round(b.x), round(b.y)), (round(b.x + b.w), round(b.y + b.h)), (0, 255, 255), max(1, r // 2)
+        )
+    for t in truth or []:
+        for x, y in t:
+            cv2.circle(img, (round(float(x)), round(float(y))), r + 1, (255, 255, 255), 1, cv2.LINE_AA)
+    for kp in keypoints:
+        for lo, hi, colour in _REGIONS:
+            for x, y in kp[lo:hi]:
+                cv2.circle(img, (round(float(x)), round(float(y))), r, colour, -1, cv2.LINE_AA)
+    return img
+
+
+def montage(tiles: list[np.ndarray], cols: int = 6, size: int = 160) -> np.ndarray:
+    """Square tiles side by side in rows."""
+    if not tiles:
+        return np.zeros((size, size, 3), np.uint8)
+    resized = [cv2.resize(t if t.ndim == 3 else cv2.cvtColor(t, cv2.COLOR_GRAY2BGR), (size, size)) for t in tiles]
+    while len(resized) % cols:
+        resized.append(np.zeros_like(resized[0]))
+    return np.vstack([np.hstack(resized[i : i + cols]) for i in range(0, len(resized), cols)])
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:  # pragma: no cover
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()

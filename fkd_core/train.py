@@ -1,0 +1,158 @@
+"""Training loop for NaimishNet: arrays in, a trained model and its history out; no file access."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from fkd_core.augment import AugmentConfig, sample_batch
+from fkd_core.geometry import denormalise
+from fkd_core.metrics import nme_per_face
+from fkd_core.model import NaimishNet, NaimishNetConfig
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Optimisation settings. Adam's values are the paper's."""
+
+    epochs: int = 150
+    batch_size: int = 32
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    patience: int = 20  # epochs without a better validation NME before stopping
+    lr_patience: int = 8  # epochs without improvement before the learning rate is halved
+    min_lr: float = 1e-5
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    train_mse: float
+    val_mse: float
+    val_nme: float
+    lr: float
+    seconds: float
+
+
+@dataclass
+class History:
+    epochs: list[EpochStats] = field(default_factory=list)
+    best_epoch: int = -1
+    stopped_early: bool = False
+
+    @property
+    def best(self) -> EpochStats:
+        return next(e for e in self.epochs if e.epoch == self.best_epoch)
+
+    def to_dict(self) -> dict:
+        return {
+            "epochs": [asdict(e) for e in self.epochs],
+            "best_epoch": self.best_epoch,
+            "stopped_early": self.stopped_early,
+        }
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@torch.inference_mode()
+def evaluate_arrays(
+    model: nn.Module, crops: np.ndarray, keypoints: np.ndarray, inner: float, batch_size: int = 256
+) -> tuple[float, float]:
+    """Validation (MSE on normalised keypoints, mean NME) of un-augmented crops."""
+    if len(crops) == 0:
+        return float("nan"), float("nan")
+    model.eval()
+    size = model.cfg.input_size
+    preds, targets = [], []
+    for start in range(0, len(crops), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(crops)))
+        x, y = sample_batch(crops, keypoints, idx, size, inner)
+        preds.append(model(torch.from_numpy(x)).numpy())
+        targets.append(y)
+    p, t = np.concatenate(preds), np.concatenate(targets)
+    mse = float(np.mean((p.astype(np.float64) - t) ** 2))
+    # NME is scale-free, so crop pixels give the same value as original pixels for the same box.
+    k = p.shape[1] // 2
+    nme = nme_per_face(denormalise(p.reshape(-1, k, 2), size), denormalise(t.reshape(-1, k, 2), size))
+    return mse, float(nme.mean())
+
+
+def fit(
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    *,
+    model_cfg: NaimishNetConfig = NaimishNetConfig(),
+    params: TrainParams = TrainParams(),
+    inner: float,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+    model: NaimishNet | None = None,
+) -> tuple[NaimishNet, History]:
+    """Train NaimishNet on (crops, keypoints) arrays; returns the best-validation model and the history.
+
+    ``inner`` is the model crop's side as a fraction of the canonical crop. Deterministic for a seed.
+    """
+    seed_everything(params.seed)
+    model = model or NaimishNet(model_cfg)
+    # channels-last convolutions are about 1.4x faster on x86 CPUs for this network (benchmarks/bench_model.py)
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=params.lr, betas=params.betas, eps=params.eps)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=0.5, patience=params.lr_patience, min_lr=params.min_lr
+    )
+    loss_fn = nn.MSELoss()
+    rng = np.random.default_rng(params.seed)
+    crops, kps = train
+    n = len(crops)
+    if n == 0:
+        raise ValueError("no training examples")
+    history = History()
+    best_state, best_score, since_best = None, math.inf, 0
+    for epoch in range(1, params.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        order = rng.permutation(n)
+        total, count = 0.0, 0
+        for start in range(0, n, params.batch_size):
+            idx = order[start : start + params.batch_size]
+            x, y = sample_batch(crops, kps, idx, model.cfg.input_size, inner, rng, params.augment)
+            opt.zero_grad(set_to_none=True)
+            xb = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+            loss = loss_fn(model(xb), torch.from_numpy(y))
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+        val_mse, val_nme = evaluate_arrays(model, *val, inner)
+        score = val_nme if math.isfinite(val_nme) else total / count
+        sched.step(score)
+        stats = EpochStats(epoch, total / count, val_mse, val_nme, opt.param_groups[0]["lr"], time.perf_counter() - t0)
+        history.epochs.append(stats)
+        if score < best_score:
+            best_score, since_best, history.best_epoch = score, 0, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            since_best += 1
+        if on_epoch:
+            on_epoch(stats)
+        if since_best >= params.patience:
+            history.stopped_early = True
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model = model.to(memory_format=torch.contiguous_format)
+    model.eval()
+    return model, history

@@ -1,0 +1,135 @@
+"""Flow ``ingest``: keypoints CSV + images (directory or bucket) -> the training examples Parquet."""
+
+from __future__ import annotations
+
+import time
+
+import fsspec
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, ConfigDict, Field
+
+from fkd_core.detect import DetectorConfig
+from fkd_core.errors import RowError
+from fkd_core.examples import BoxMapping, LabelledRow, parse_keypoints_csv
+from fkd_core.geometry import CropPolicy
+from fkd_core.image_io import url_to_fs
+from fkd_core.ingest import IngestSettings, ShardResult, ingest_misses, ingest_shard
+from fkd_core.parquet_io import write_json
+from flows._common import IO_RETRIES, chunks, markdown_table
+
+
+class IngestConfig(BaseModel):
+    """Turn a keypoints CSV and its images into detector-consistent training crops."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    csv: str = Field(description="Keypoints CSV: a header, then file name and x0, y0 ... x67, y67 per row")
+    images: str = Field(description="Directory or bucket prefix that the CSV's file names are relative to")
+    out: str = Field(description="Output directory or prefix for the examples Parquet dataset")
+    split_by: str = Field("person", pattern="^(person|frame)$", description="Group the validation split by")
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of persons (or frames) held out")
+    seed: int = Field(0, description="Seed of the split hash")
+    shard_size: int = Field(500, ge=1, le=100_000, description="Images per task")
+    workers: int = Field(2, ge=1, le=64, description="Shards processed at once")
+
+
+@task(retries=IO_RETRIES[0], retry_delay_seconds=IO_RETRIES[1])
+def read_csv(uri: str) -> tuple[list[LabelledRow], list[str]]:
+    """Parse the CSV (streamed line by line); returns the valid rows and the refusals."""
+    rows, refused = [], []
+    with fsspec.open(uri, "rt", newline="") as f:
+        for item in parse_keypoints_csv(f, source=uri.rsplit("/", 1)[-1]):
+            (refused.append(str(item)) if isinstance(item, RowError) else rows.append(item))
+    return rows, refused
+
+
+@task(retries=IO_RETRIES[0], retry_delay_seconds=IO_RETRIES[1])
+def process_shard(rows: list[LabelledRow], shard: int, settings: IngestSettings, source: str) -> ShardResult:
+    return ingest_shard(rows, shard, settings, source)
+
+
+@task(retries=IO_RETRIES[0], retry_delay_seconds=IO_RETRIES[1])
+def process_misses(rows: list[LabelledRow], shard: int, mapping: BoxMapping, settings: IngestSettings) -> ShardResult:
+    return ingest_misses(rows, shard, mapping, settings)
+
+
+@task
+def clear_output(uri: str) -> None:
+    fs, path = url_to_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+@flow(name="ingest", log_prints=False)
+def ingest(cfg: IngestConfig) -> dict:
+    """CSV + images -> ``<out>/examples/part-*.parquet`` and ``<out>/ingest_report.json``."""
+    log = get_run_logger()
+    t0 = time.perf_counter()
+    examples_uri = f"{cfg.out.rstrip('/')}/examples"
+    settings = IngestSettings(
+        images=cfg.images,
+        out=examples_uri,
+        split_by=cfg.split_by,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        policy=CropPolicy(),
+        detector=DetectorConfig(),
+    )
+    rows, refused = read_csv(cfg.csv)
+    log.info("CSV: %d valid rows, %d refused", len(rows), len(refused))
+    clear_output(examples_uri)
+    shards = list(chunks(rows, cfg.shard_size))
+    source = cfg.csv.rsplit("/", 1)[-1]
+    with ThreadPoolTaskRunner(max_workers=cfg.workers) as runner:
+        futures = [
+            runner.submit(process_shard, {"rows": s, "shard": i, "settings": settings, "source": source})
+            for i, s in enumerate(shards)
+        ]
+        results: list[ShardResult] = [f.result() for f in futures]
+    written = sum(r.written for r in results)
+    refused += [m for r in results for m in r.refused]
+    misses = [m for r in results for m in r.misses]
+    mapping = BoxMapping.fit(
+        np.array([b for r in results for b in r.kp_boxes]).reshape(-1, 4),
+        np.array([b for r in results for b in r.det_boxes]).reshape(-1, 4),
+    )
+    from_keypoints = 0
+    if misses:
+        res = process_misses(misses, len(shards), mapping, settings)
+        from_keypoints = res.written
+        refused += res.refused
+    report = {
+        "csv": cfg.csv,
+        "images": cfg.images,
+        "examples": examples_uri,
+        "rows_kept": written + from_keypoints,
+        "rows_refused": len(refused),
+        "refused": refused,
+        "boxes_from_haar": written,
+        "boxes_from_keypoints": from_keypoints,
+        "box_mapping": mapping.to_dict(),
+        "split_by": cfg.split_by,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    write_json(report, f"{cfg.out.rstrip('/')}/ingest_report.json")
+    log.info(
+        "ingest: %d examples (%d Haar boxes, %d from keypoints), %d refused, %.1f s",
+        report["rows_kept"],
+        written,
+        from_keypoints,
+        len(refused),
+        report["seconds"],
+    )
+    summary = {
+        k: report[k] for k in ("rows_kept", "rows_refused", "boxes_from_haar", "boxes_from_keypoints", "seconds")
+    }
+    body = "# Ingest report\n\n" + markdown_table([summary])
+    if refused:
+        body += "\n\n## Refused rows (first 50)\n\n" + "\n".join(f"- {r}" for r in refused[:50])
+    create_markdown_artifact(key="ingest-report", markdown=body, description="fkd ingest")
+    return report

@@ -1,0 +1,177 @@
+"""Flow ``train``: examples Parquet -> trained NaimishNet in ``saved_models/`` (+ loss curve, metrics)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import fsspec
+import numpy as np
+import pyarrow.compute as pc
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from pydantic import BaseModel, ConfigDict, Field
+
+from fkd_core.augment import AugmentConfig
+from fkd_core.checkpoint import SAVED_MODELS, load_checkpoint, save_checkpoint
+from fkd_core.detect import DetectorConfig
+from fkd_core.examples import CANONICAL_MARGIN, inner_fraction
+from fkd_core.geometry import CropPolicy
+from fkd_core.model import NaimishNetConfig
+from fkd_core.parquet_io import dataset, read_examples, read_json
+from fkd_core.plots import loss_curve_png
+from fkd_core.train import EpochStats, TrainParams, evaluate_arrays, fit
+
+
+class TrainConfig(BaseModel):
+    """Train NaimishNet on an examples dataset made by the ingest flow."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    examples: str = Field(description="Examples dataset (the ingest flow's <out>/examples)")
+    out_dir: str = Field(str(SAVED_MODELS), description="Where <name>.safetensors/.json/_loss.png are written")
+    name: str = Field("naimishnet", pattern=r"^[A-Za-z0-9_.-]+$", description="Checkpoint name")
+    input_size: int = Field(96, ge=32, le=256, description="Model input S (S x S pixels)")
+    epochs: int = Field(150, ge=1, le=10_000, description="Maximum epochs")
+    batch_size: int = Field(32, ge=1, le=4096)
+    patience: int = Field(20, ge=1, description="Early stopping: epochs without a better validation NME")
+    seed: int = Field(0, description="Seed: same seed and data give the same weights")
+    augment: bool = Field(True, description="Box jitter, scale, rotation, flip and brightness augmentation")
+    max_train: int | None = Field(None, ge=1, description="Use only the first N training examples (smoke runs)")
+    threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: all cores)")
+
+
+@task
+def load_split(examples: str, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    crops, kp, _ = read_examples(examples, split)
+    if limit is not None:
+        crops, kp = crops[:limit], kp[:limit]
+    return crops, kp
+
+
+@task
+def data_fingerprint(examples: str) -> dict:
+    """sha256 over (image id, source sha256, split) of every example, plus the ingest report's split policy."""
+    tbl = dataset(examples).to_table(columns=["image_id", "sha256", "split"]).sort_by("image_id")
+    h = hashlib.sha256()
+    for i, s, sp in zip(*(tbl.column(c).to_pylist() for c in ("image_id", "sha256", "split")), strict=True):
+        h.update(f"{i}\t{s}\t{sp}\n".encode())
+    report = read_json(examples.rstrip("/").rsplit("/", 1)[0] + "/ingest_report.json") or {}
+    return {
+        "examples": examples,
+        "sha256": h.hexdigest(),
+        "n_train": int(pc.sum(pc.equal(tbl.column("split"), "train")).as_py() or 0),
+        "n_val": int(pc.sum(pc.equal(tbl.column("split"), "val")).as_py() or 0),
+        "split": {k: report.get(k) for k in ("split_by", "val_fraction", "seed")},
+    }
+
+
+@flow(name="train")
+def train(cfg: TrainConfig) -> dict:
+    """Train, early-stop on validation NME, and save the best checkpoint (float16 if it loses nothing)."""
+    import torch
+
+    log = get_run_logger()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    fingerprint = data_fingerprint(cfg.examples)
+    train_xy = load_split(cfg.examples, "train", cfg.max_train)
+    val_xy = load_split(cfg.examples, "val", None)
+    log.info("training on %d examples, validating on %d", len(train_xy[0]), len(val_xy[0]))
+    params = TrainParams(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        patience=cfg.patience,
+        seed=cfg.seed,
+        augment=AugmentConfig() if cfg.augment else AugmentConfig.none(),
+    )
+    inner = inner_fraction(CANONICAL_MARGIN)
+    progress = create_progress_artifact(progress=0.0, key="train-progress", description="epochs done / max epochs")
+
+    def on_epoch(s: EpochStats) -> None:
+        log.info(
+            "epoch %3d/%d  train MSE %.5f  val MSE %.5f  val NME %.4f  lr %.1e  %.1f s",
+            s.epoch,
+            cfg.epochs,
+            s.train_mse,
+            s.val_mse,
+            s.val_nme,
+            s.lr,
+            s.seconds,
+        )
+        update_progress_artifact(progress, progress=100.0 * s.epoch / cfg.epochs)
+
+    model, history = fit(
+        train_xy,
+        val_xy,
+        model_cfg=NaimishNetConfig(input_size=cfg.input_size),
+        params=params,
+        inner=inner,
+        on_epoch=on_epoch,
+    )
+    update_progress_artifact(progress, progress=100.0)
+    best = history.best
+    rows = [
+        {
+            "epoch": e.epoch,
+            "train_mse": e.train_mse,
+            "val_mse": e.val_mse,
+            "val_nme": e.val_nme,
+            "lr": e.lr,
+            "seconds": round(e.seconds, 2),
+        }
+        for e in history.epochs
+    ]
+    create_table_artifact(key="train-history", table=rows, description=f"{cfg.name}: MSE per epoch")
+
+    weights = f"{cfg.out_dir.rstrip('/')}/{cfg.name}.safetensors"
+    meta = {
+        "data": fingerprint,
+        "seed": cfg.seed,
+        "train": {
+            **cfg.model_dump(),
+            "inner": inner,
+            "stopped_early": history.stopped_early,
+            "best_epoch": history.best_epoch,
+            "epochs_run": len(history.epochs),
+            "seconds": round(time.perf_counter() - t0, 1),
+        },
+        "metrics": {"val_mse": best.val_mse, "val_nme": best.val_nme, "train_mse": best.train_mse},
+        "history": history.to_dict(),
+    }
+    # float16 weights halve the checkpoint; keep them only if validation NME is unchanged to 1e-4.
+    model_id = save_checkpoint(model, weights, policy=CropPolicy(), detector=DetectorConfig(), meta=meta)
+    half = load_checkpoint(weights)
+    _, nme16 = evaluate_arrays(half.model, *val_xy, inner)
+    if np.isfinite(nme16) and abs(nme16 - best.val_nme) > 1e-4:
+        log.info("float16 changes val NME %.5f -> %.5f: storing float32", best.val_nme, nme16)
+        model_id = save_checkpoint(
+            model,
+            weights,
+            policy=CropPolicy(),
+            detector=DetectorConfig(),
+            meta={**meta, "float16_val_nme": nme16},
+            dtype=torch.float32,
+        )
+    else:
+        model_id = save_checkpoint(
+            model, weights, policy=CropPolicy(), detector=DetectorConfig(), meta={**meta, "float16_val_nme": nme16}
+        )
+    png = loss_curve_png(
+        [e.epoch for e in history.epochs],
+        [e.train_mse for e in history.epochs],
+        [e.val_mse for e in history.epochs],
+        [e.val_nme for e in history.epochs],
+    )
+    with fsspec.open(f"{cfg.out_dir.rstrip('/')}/{cfg.name}_loss.png", "wb") as f:
+        f.write(png)
+    log.info("saved %s (best epoch %d, val NME %.4f)", model_id, history.best_epoch, best.val_nme)
+    return {
+        "model_id": model_id,
+        "weights": weights,
+        "best_epoch": history.best_epoch,
+        "epochs_run": len(history.epochs),
+        **meta["metrics"],
+        "seconds": meta["train"]["seconds"],
+    }
