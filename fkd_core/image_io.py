@@ -142,11 +142,16 @@ def decode_gray(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIma
             warnings.simplefilter("ignore")
             header = Image.open(io.BytesIO(data))
             width, height = header.size
-            orientation = int(header.getexif().get(0x0112, 1) or 1)
     except Exception as e:  # PIL raises a zoo of types for junk input
         raise ImageError(f"not an image: {type(e).__name__}: {e}") from e
     if width * height > max_pixels:
         raise ImageError(f"too many pixels: {width}x{height} > {max_pixels}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            orientation = int(header.getexif().get(0x0112, 1) or 1)
+    except Exception:  # a broken EXIF block is not worth refusing the pixels for
+        orientation = 1
     buf = np.frombuffer(data, dtype=np.uint8)
     # IGNORE_ORIENTATION: orientation is applied below from the header we parsed, the same for every codec.
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)

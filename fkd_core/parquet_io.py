@@ -143,8 +143,13 @@ def _is_local(fs) -> bool:
     return "file" in protocols or "local" in protocols
 
 
-def dataset(uri: str, schema: pa.Schema | None = None, partitioning: str | None = None) -> pads.Dataset:
-    """A lazily scanned Parquet dataset under a directory or prefix (``hive`` partitioning optional).
+RUN_PARTITIONING = pads.partitioning(pa.schema([pa.field("run_id", pa.string())]), flavor="hive")
+
+
+def dataset(uri: str, schema: pa.Schema | None = None, partitioning=None) -> pads.Dataset:
+    """A lazily scanned Parquet dataset under a directory or prefix.
+
+    ``partitioning="runs"`` reads the ``run_id=<id>/`` layout of annotate output with ``run_id`` as a string.
 
     Hidden/temporary files (``.*.tmp``) are ignored, so an interrupted writer's leftovers are never read.
     """
@@ -153,7 +158,7 @@ def dataset(uri: str, schema: pa.Schema | None = None, partitioning: str | None 
         path,
         filesystem=fs,
         format="parquet",
-        partitioning=partitioning,
+        partitioning=RUN_PARTITIONING if partitioning == "runs" else partitioning,
         schema=schema,
         exclude_invalid_files=False,
         ignore_prefixes=[".", "_"],
@@ -188,3 +193,15 @@ def read_examples(uri: str, split: str | None = None) -> tuple[np.ndarray, np.nd
         [keypoints_from_column(tbl.column("keypoints_x")), keypoints_from_column(tbl.column("keypoints_y"))], axis=-1
     )
     return crops, kp, tbl.column("image_id").to_pylist()
+
+
+def output_tables(out: str) -> dict[str, pads.Dataset]:
+    """The annotate output's ``images`` and ``faces`` tables (``run_id`` included) as lazy datasets."""
+    tables = {}
+    for name, schema in (("images", IMAGES_SCHEMA), ("faces", FACES_SCHEMA)):
+        uri = join_uri(out, name)
+        if not exists(uri):
+            raise FileNotFoundError(f"no {name}/ table under {out}: is it an fkd annotate output?")
+        full = pa.schema([*schema, pa.field("run_id", pa.string())])
+        tables[name] = dataset(uri, schema=full, partitioning="runs")
+    return tables

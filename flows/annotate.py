@@ -67,7 +67,7 @@ def already_annotated(out: str) -> set[str]:
     """Every image URI present in any run's finished ``images`` parts."""
     if not exists(join_uri(out, "images")):
         return set()
-    tbl = dataset(join_uri(out, "images"), partitioning="hive").to_table(columns=["image_uri"])
+    tbl = dataset(join_uri(out, "images"), partitioning="runs").to_table(columns=["image_uri"])
     return set(tbl.column("image_uri").to_pylist())
 
 

@@ -1,0 +1,142 @@
+"""End-to-end evaluation on labelled images (DESIGN.md "Metrics"): detect, predict, match, score."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fkd_core.detect import DetectorConfig, detect_faces, match_box
+from fkd_core.errors import ImageError
+from fkd_core.examples import LabelledRow
+from fkd_core.geometry import normalise
+from fkd_core.image_io import join_uri, read_gray
+from fkd_core.metrics import nme_per_face
+from fkd_core.parquet_io import keypoint_column
+from fkd_core.plots import draw_faces, montage
+from fkd_core.predict import Predictor
+from fkd_core.types import Box
+
+EVAL_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("row_number", pa.int32(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # matched | unmatched | error
+        pa.field("error", pa.string()),
+        pa.field("n_detected", pa.int16(), nullable=False),
+        pa.field("nme", pa.float64()),
+        pa.field("mse", pa.float64()),
+        pa.field("box_x", pa.int32()),
+        pa.field("box_y", pa.int32()),
+        pa.field("box_w", pa.int32()),
+        pa.field("box_h", pa.int32()),
+        pa.field("pred_x", pa.list_(pa.float32(), 68)),
+        pa.field("pred_y", pa.list_(pa.float32(), 68)),
+    ]
+)
+
+
+@dataclass
+class FaceResult:
+    row: LabelledRow
+    status: str
+    n_detected: int = 0
+    error: str | None = None
+    box: Box | None = None
+    pred: np.ndarray | None = None  # (68, 2) original pixels
+    nme: float | None = None
+    mse: float | None = None
+
+
+def evaluate_rows(
+    rows: list[LabelledRow], images: str, predictor: Predictor, detector: DetectorConfig = DetectorConfig()
+) -> list[FaceResult]:
+    """Score labelled faces end to end. Rows naming the same image share one detection pass."""
+    by_image: dict[str, list[LabelledRow]] = {}
+    for r in rows:
+        by_image.setdefault(r.image_id, []).append(r)
+    out: list[FaceResult] = []
+    for image_id, labelled in by_image.items():
+        try:
+            gray = read_gray(join_uri(images, image_id)).gray
+        except ImageError as e:
+            out += [FaceResult(r, "error", error=str(e)) for r in labelled]
+            continue
+        boxes = detect_faces(gray, detector)
+        faces = predictor.predict_boxes(gray, boxes)
+        for r in labelled:
+            cx, cy = r.keypoints.mean(axis=0)
+            i = match_box(boxes, float(cx), float(cy))
+            if i is None:
+                out.append(FaceResult(r, "unmatched", len(boxes)))
+                continue
+            pred = faces[i].keypoints
+            _, t = predictor.crop(gray, boxes[i])
+            size = predictor.size
+            mse = float(np.mean((normalise(t.to_crop(pred), size) - normalise(t.to_crop(r.keypoints), size)) ** 2))
+            nme = float(nme_per_face(pred[None], r.keypoints[None])[0])
+            out.append(FaceResult(r, "matched", len(boxes), box=boxes[i], pred=pred, nme=nme, mse=mse))
+    return out
+
+
+def results_table(results: list[FaceResult]) -> pa.Table:
+    pred = np.array([r.pred if r.pred is not None else np.full((68, 2), np.nan) for r in results], np.float32)
+    pred = pred.reshape(-1, 68, 2)
+    mask = pa.array([r.pred is None for r in results])
+
+    def box(attr: str) -> pa.Array:
+        return pa.array([round(getattr(r.box, attr)) if r.box else None for r in results], pa.int32())
+
+    return pa.table(
+        {
+            "image_id": [r.row.image_id for r in results],
+            "row_number": pa.array([r.row.row_number for r in results], pa.int32()),
+            "status": [r.status for r in results],
+            "error": [r.error for r in results],
+            "n_detected": pa.array([r.n_detected for r in results], pa.int16()),
+            "nme": pa.array([r.nme for r in results], pa.float64()),
+            "mse": pa.array([r.mse for r in results], pa.float64()),
+            "box_x": box("x"),
+            "box_y": box("y"),
+            "box_w": box("w"),
+            "box_h": box("h"),
+            "pred_x": pc.if_else(
+                mask, pa.nulls(len(results), EVAL_SCHEMA.field("pred_x").type), keypoint_column(pred[:, :, 0])
+            ),
+            "pred_y": pc.if_else(
+                mask, pa.nulls(len(results), EVAL_SCHEMA.field("pred_y").type), keypoint_column(pred[:, :, 1])
+            ),
+        },
+        schema=EVAL_SCHEMA,
+    )
+
+
+def worst_montage(results: list[FaceResult], images: str, k: int = 12, tile: int = 200) -> np.ndarray:
+    """Tiles of the ``k`` worst matched faces: predicted points in colour, ground truth as white rings."""
+    matched = sorted((r for r in results if r.status == "matched"), key=lambda r: -(r.nme or 0))[:k]
+    tiles = []
+    for r in matched:
+        gray = read_gray(join_uri(images, r.row.image_id)).gray
+        img = draw_faces(gray, [r.box], [r.pred], truth=[r.row.keypoints], radius=1)
+        b = r.box
+        side = int(max(b.w, b.h) * 1.6)
+        x0, y0 = int(b.cx - side / 2), int(b.cy - side / 2 + 0.1 * b.h)
+        pad = np.zeros((side, side, 3), np.uint8)
+        xs, ys = max(0, x0), max(0, y0)
+        xe, ye = min(img.shape[1], x0 + side), min(img.shape[0], y0 + side)
+        pad[ys - y0 : ye - y0, xs - x0 : xe - x0] = img[ys:ye, xs:xe]
+        cv2.putText(
+            pad,
+            f"{r.nme:.3f}",
+            (3, max(12, side // 12)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            max(0.3, side / 400),
+            (0, 255, 255),
+            1,
+            cv2.LINE_AA,
+        )
+        tiles.append(pad)
+    return montage(tiles, cols=min(6, max(1, len(tiles))), size=tile)

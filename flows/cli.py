@@ -1,0 +1,204 @@
+"""The ``fkd`` command line: runs the flows, queries and draws their output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fkd_core.checkpoint import DEFAULT_MODEL
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="fkd: facial keypoints at pipeline scale.")
+
+
+def _print(doc: dict) -> None:
+    typer.echo(json.dumps(doc, indent=2, default=str))
+
+
+@app.command()
+def annotate(
+    source: Annotated[str, typer.Argument(help="Image directory, s3:// prefix, any fsspec URL, or one image")],
+    out: Annotated[str, typer.Argument(help="Output directory or s3:// prefix")],
+    run_id: Annotated[str | None, typer.Option(help="Resume (or name) this run")] = None,
+    model: Annotated[str, typer.Option(help="Checkpoint .safetensors")] = str(DEFAULT_MODEL),
+    shard_size: Annotated[int, typer.Option(help="Images per task")] = 500,
+    incremental: Annotated[bool, typer.Option(help="Skip images already annotated under OUT")] = False,
+    dask_address: Annotated[str | None, typer.Option(help="Run shards on this Dask scheduler")] = None,
+    workers: Annotated[int, typer.Option(help="Shards at once (local runner)")] = 1,
+) -> None:
+    """Find every face under SOURCE and write 68 keypoints per face to OUT (Parquet)."""
+    from flows.annotate import AnnotateConfig
+    from flows.annotate import annotate as flow
+
+    doc = flow(
+        AnnotateConfig(
+            source=source,
+            out=out,
+            run_id=run_id,
+            model=model,
+            shard_size=shard_size,
+            incremental=incremental,
+            dask_address=dask_address,
+            workers=workers,
+            progress=sys.stderr.isatty(),
+        )
+    )
+    _print({k: doc[k] for k in ("run_id", "model_id", "images_planned", "counts_this_attempt", "seconds")})
+
+
+@app.command()
+def ingest(
+    csv: Annotated[str, typer.Argument(help="Keypoints CSV")],
+    images: Annotated[str, typer.Argument(help="Image directory or prefix")],
+    out: Annotated[str, typer.Argument(help="Output directory or prefix")],
+    split_by: Annotated[str, typer.Option(help="person or frame")] = "person",
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    shard_size: int = 500,
+) -> None:
+    """Turn a keypoints CSV and its images into the training examples Parquet."""
+    from flows.ingest import IngestConfig
+    from flows.ingest import ingest as flow
+
+    doc = flow(
+        IngestConfig(
+            csv=csv,
+            images=images,
+            out=out,
+            split_by=split_by,
+            val_fraction=val_fraction,
+            seed=seed,
+            shard_size=shard_size,
+        )
+    )
+    _print({k: v for k, v in doc.items() if k != "refused"} | {"refused (first 20)": doc["refused"][:20]})
+
+
+@app.command()
+def train(
+    examples: Annotated[str, typer.Argument(help="Examples dataset (<ingest out>/examples)")],
+    name: str = "naimishnet",
+    out_dir: str = str(DEFAULT_MODEL.parent),
+    epochs: int = 150,
+    patience: int = 20,
+    seed: int = 0,
+    input_size: int = 96,
+) -> None:
+    """Train NaimishNet and save <out-dir>/<name>.safetensors + .json + _loss.png."""
+    from flows.train import TrainConfig
+    from flows.train import train as flow
+
+    _print(
+        flow(
+            TrainConfig(
+                examples=examples,
+                name=name,
+                out_dir=out_dir,
+                epochs=epochs,
+                patience=patience,
+                seed=seed,
+                input_size=input_size,
+            )
+        )
+    )
+
+
+@app.command()
+def evaluate(
+    csv: Annotated[str, typer.Argument(help="Keypoints CSV")],
+    images: Annotated[str, typer.Argument(help="Image directory or prefix")],
+    out: Annotated[str, typer.Argument(help="Where metrics.json, faces.parquet, worst.png go")],
+    model: str = str(DEFAULT_MODEL),
+    split: Annotated[str, typer.Option(help="all, train or val (the checkpoint's split)")] = "all",
+    split_by: Annotated[str | None, typer.Option(help="person or frame (default: the checkpoint's)")] = None,
+) -> None:
+    """End-to-end metrics of a checkpoint on labelled images."""
+    from flows.evaluate import EvaluateConfig
+    from flows.evaluate import evaluate as flow
+
+    _print(flow(EvaluateConfig(csv=csv, images=images, out=out, model=model, split=split, split_by=split_by)))
+
+
+@app.command()
+def query(
+    out: Annotated[str, typer.Argument(help="An annotate output directory or prefix")],
+    sql: Annotated[str, typer.Argument(help="SQL over the views `images` and `faces`")],
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
+) -> None:
+    """Run SQL (DuckDB) over annotate output."""
+    from fkd_core.query import connect
+
+    try:
+        rel = connect(out).sql(sql)
+    except FileNotFoundError as e:
+        raise typer.BadParameter(str(e), param_hint="OUT") from e
+    except Exception as e:  # duckdb's errors: show the message, not a traceback
+        typer.echo(f"query failed: {e}", err=True)
+        raise typer.Exit(1) from e
+    if rel is None:
+        return
+    if fmt == "csv":
+        rel.df().to_csv(sys.stdout, index=False)
+    elif fmt == "json":
+        typer.echo(rel.df().to_json(orient="records", date_format="iso"))
+    else:
+        rel.show(max_rows=1000, max_width=200)
+
+
+@app.command()
+def show(
+    out: Annotated[str, typer.Argument(help="An annotate output directory or prefix")],
+    image: Annotated[str, typer.Argument(help="The image (its URI, or any unique suffix of it)")],
+    png: Annotated[Path | None, typer.Option(help="Where to write the picture")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Only this run's keypoints")] = None,
+) -> None:
+    """Draw an image's boxes and keypoints from OUT to a PNG."""
+    from fkd_core.image_io import read_gray
+    from fkd_core.parquet_io import keypoints_from_column
+    from fkd_core.plots import draw_faces, png_bytes
+    from fkd_core.query import connect
+    from fkd_core.types import Box
+
+    con = connect(out)
+    cond = "run_id = $run" if run_id else "true"
+    params = {"img": image, "run": run_id} if run_id else {"img": image}
+    uris = [
+        r[0]
+        for r in con.sql(
+            f"select distinct image_uri from images where (image_uri = $img or image_uri like '%' || $img) and {cond}",
+            params=params,
+        ).fetchall()
+    ]
+    if not uris:
+        raise typer.BadParameter(f"no image matching {image!r} in {out}", param_hint="IMAGE")
+    if len(uris) > 1:
+        raise typer.BadParameter(f"{image!r} matches {len(uris)} images, e.g. {uris[:3]}", param_hint="IMAGE")
+    uri = uris[0]
+    latest = con.sql(
+        f"select max(run_id) from images where image_uri = $u and {cond}",
+        params={"u": uri, **({"run": run_id} if run_id else {})},
+    ).fetchall()[0][0]
+    faces = con.sql(
+        "select * from faces where image_uri = $u and run_id = $r order by face_index", params={"u": uri, "r": latest}
+    ).to_arrow_table()
+    boxes = [
+        Box(*r) for r in zip(*(faces.column(c).to_pylist() for c in ("box_x", "box_y", "box_w", "box_h")), strict=True)
+    ]
+    kx, ky = keypoints_from_column(faces.column("keypoints_x")), keypoints_from_column(faces.column("keypoints_y"))
+    import numpy as np
+
+    img = draw_faces(read_gray(uri).gray, boxes, [np.stack([x, y], axis=1) for x, y in zip(kx, ky, strict=True)])
+    target = png or Path(uri.rsplit("/", 1)[-1].rsplit(".", 1)[0] + "_keypoints.png")
+    target.write_bytes(png_bytes(img))
+    typer.echo(f"{target}: {len(boxes)} face(s) from run {latest}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,90 @@
+"""Flow ``evaluate``: labelled images (CSV + images, dir or bucket) -> end-to-end metrics, Parquet, montage."""
+
+from __future__ import annotations
+
+import fsspec
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, ConfigDict, Field
+
+from fkd_core.checkpoint import DEFAULT_MODEL, load_checkpoint
+from fkd_core.evaluate import FaceResult, evaluate_rows, results_table, worst_montage
+from fkd_core.examples import LabelledRow, assign_split
+from fkd_core.image_io import join_uri
+from fkd_core.metrics import summarise
+from fkd_core.parquet_io import write_json, write_table
+from fkd_core.plots import png_bytes
+from fkd_core.predict import Predictor
+from flows._common import IO_RETRIES, chunks, markdown_table
+from flows.ingest import read_csv
+
+
+class EvaluateConfig(BaseModel):
+    """Score a checkpoint end to end (Haar + NaimishNet) on labelled images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    csv: str = Field(description="Keypoints CSV (same format as ingest)")
+    images: str = Field(description="Directory or bucket prefix of the CSV's images")
+    out: str = Field(description="Where metrics.json, faces.parquet and worst.png are written")
+    model: str = Field(str(DEFAULT_MODEL), description="Checkpoint (.safetensors)")
+    split: str = Field("all", pattern="^(all|train|val)$", description="Score all rows or one split of them")
+    split_by: str | None = Field(None, pattern="^(person|frame)$", description="Default: the checkpoint's")
+    val_fraction: float | None = Field(None, ge=0, lt=1, description="Default: the checkpoint's")
+    seed: int | None = Field(None, description="Split seed; default: the checkpoint's")
+    shard_size: int = Field(500, ge=1)
+    workers: int = Field(2, ge=1, le=64)
+    worst: int = Field(12, ge=0, le=100, description="Faces in the worst-case montage")
+
+
+@task(retries=IO_RETRIES[0], retry_delay_seconds=IO_RETRIES[1])
+def score_shard(rows: list[LabelledRow], images: str, model: str) -> list[FaceResult]:
+    loaded = load_checkpoint(model)
+    return evaluate_rows(rows, images, Predictor(loaded.model, loaded.policy), loaded.detector)
+
+
+@flow(name="evaluate")
+def evaluate(cfg: EvaluateConfig) -> dict:
+    log = get_run_logger()
+    loaded = load_checkpoint(cfg.model)
+    split_doc = (loaded.meta.get("data") or {}).get("split") or {}
+    split_by = cfg.split_by or split_doc.get("split_by") or "person"
+    val_fraction = cfg.val_fraction if cfg.val_fraction is not None else split_doc.get("val_fraction", 0.15)
+    seed = cfg.seed if cfg.seed is not None else split_doc.get("seed", 0)
+    rows, refused = read_csv(cfg.csv)
+    if cfg.split != "all":
+        rows = [r for r in rows if assign_split(r.image_id, split_by, val_fraction, seed) == cfg.split]
+    log.info("evaluating %s on %d labelled faces (%s split by %s)", loaded.model_id, len(rows), cfg.split, split_by)
+    with ThreadPoolTaskRunner(max_workers=cfg.workers) as runner:
+        futures = [
+            runner.submit(score_shard, {"rows": s, "images": cfg.images, "model": cfg.model})
+            for s in chunks(rows, cfg.shard_size)
+        ]
+        results = [r for f in futures for r in f.result()]
+    matched = [r for r in results if r.status == "matched"]
+    nme = np.array([r.nme for r in matched])
+    metrics = summarise(nme, len(results))
+    metrics["mse"] = float(np.mean([r.mse for r in matched])) if matched else float("nan")
+    metrics["errors"] = sum(r.status == "error" for r in results)
+    metrics["refused_rows"] = len(refused)
+    doc = {
+        "model_id": loaded.model_id,
+        "csv": cfg.csv,
+        "images": cfg.images,
+        "split": cfg.split,
+        "split_by": split_by,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "metrics": metrics,
+    }
+    write_json(doc, join_uri(cfg.out, "metrics.json"))
+    write_table(results_table(results), join_uri(cfg.out, "faces.parquet"))
+    if cfg.worst and matched:
+        with fsspec.open(join_uri(cfg.out, "worst.png"), "wb") as f:
+            f.write(png_bytes(worst_montage(results, cfg.images, cfg.worst)))
+    row = {"model": loaded.model_id, "split": f"{cfg.split} ({split_by})", **metrics}
+    create_table_artifact(key="evaluate-metrics", table=[row], description="fkd end-to-end metrics")
+    log.info("metrics:\n%s", markdown_table([row]))
+    return doc

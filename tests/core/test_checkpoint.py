@@ -1,0 +1,70 @@
+import json
+
+import pytest
+import torch
+
+from fkd_core.checkpoint import load_checkpoint, save_checkpoint
+from fkd_core.detect import DetectorConfig
+from fkd_core.errors import CheckpointError
+from fkd_core.geometry import CropPolicy
+from fkd_core.model import NaimishNet, NaimishNetConfig
+
+
+def _save(tmp_path, dtype=torch.float32):
+    model = NaimishNet().eval()
+    uri = str(tmp_path / "m.safetensors")
+    mid = save_checkpoint(
+        model, uri, policy=CropPolicy(1.4, 0.1), detector=DetectorConfig(min_neighbors=4), meta={"seed": 3}, dtype=dtype
+    )
+    return model, uri, mid
+
+
+def test_round_trip_keeps_weights_policy_and_detector(tmp_path):
+    model, uri, mid = _save(tmp_path)
+    loaded = load_checkpoint(uri)
+    assert loaded.model_id == mid and mid.startswith("m-") and len(mid) == 2 + 12
+    assert loaded.policy == CropPolicy(1.4, 0.1)
+    assert loaded.detector.min_neighbors == 4 and loaded.detector.cascade.endswith(
+        "haarcascade_frontalface_default.xml"
+    )
+    x = torch.rand(2, 1, 96, 96)
+    assert torch.equal(loaded.model(x), model(x))
+    assert loaded.meta["seed"] == 3
+
+
+def test_float16_checkpoint_is_close(tmp_path):
+    model, uri, _ = _save(tmp_path, torch.float16)
+    x = torch.rand(2, 1, 96, 96)
+    assert torch.allclose(load_checkpoint(uri).model(x), model(x), atol=1e-2)
+
+
+def test_mismatched_config_is_refused_with_a_clear_error(tmp_path):
+    _, uri, _ = _save(tmp_path)
+    cfg_path = tmp_path / "m.json"
+    doc = json.loads(cfg_path.read_text())
+    doc["model"]["input_size"] = 224
+    cfg_path.write_text(json.dumps(doc))
+    with pytest.raises(
+        CheckpointError,
+        match=r"weight 'head.1.weight' has shape \(1000, 6400\) but the config "
+        r"\(input_size=224\) needs \(1000, 43264\)",
+    ):
+        load_checkpoint(uri)
+
+
+def test_tampered_or_unknown_files_are_refused(tmp_path):
+    _, uri, _ = _save(tmp_path)
+    with pytest.raises(CheckpointError, match="must be a .safetensors"):
+        load_checkpoint(str(tmp_path / "m.pt"))
+    data = bytearray((tmp_path / "m.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / "m.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(uri)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(str(tmp_path / "other.safetensors"))
+
+
+def test_unknown_model_fields_are_refused():
+    with pytest.raises(ValueError, match="unknown"):
+        NaimishNetConfig.from_dict({"input_size": 96, "depth": 5})

@@ -1,0 +1,88 @@
+import io
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from fkd_core.errors import ImageError
+from fkd_core.image_io import decode_gray, list_images, read_gray
+
+
+def _png(arr: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", arr)
+    assert ok
+    return buf.tobytes()
+
+
+def test_decodes_gray_rgb_rgba_and_16_bit_to_the_same_gray():
+    base = np.tile(np.arange(0, 250, 10, dtype=np.uint8), (8, 1))
+    bgr = cv2.merge([base, base, base])
+    rgba = cv2.merge([base, base, base, np.full_like(base, 255)])
+    sixteen = base.astype(np.uint16) * 257
+    for arr in (base, bgr, rgba, sixteen):
+        out = decode_gray(_png(arr))
+        assert out.gray.dtype == np.uint8 and out.gray.shape == base.shape
+        assert np.abs(out.gray.astype(int) - base).max() <= 1
+
+
+def test_exif_orientation_is_applied():
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :10] = 255  # bright stripe on the left of the stored pixels
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = 6  # stored rotated: display needs a 90 degree clockwise turn
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    out = decode_gray(buf.getvalue())
+    assert (out.width, out.height) == (20, 40)
+    # after a clockwise turn the stored left stripe is on top
+    assert out.gray[:8].mean() > 200 and out.gray[-8:].mean() < 50
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
+    )
+
+
+def test_pixel_bomb_is_refused_from_the_header():
+    with pytest.raises(ImageError, match="too many pixels"):
+        decode_gray(_png_header_only(100_000, 100_000))
+
+
+@pytest.mark.parametrize(
+    "data,reason",
+    [(b"", "empty"), (b"hello, not an image", "not an image"), (b"\xff\xd8\xff\xe0" + b"\x00" * 20, "not an image")],
+)
+def test_junk_is_refused_with_a_reason(data, reason):
+    with pytest.raises(ImageError, match=reason):
+        decode_gray(data)
+
+
+def test_truncated_jpeg_is_refused_or_decoded_partially(sample_dir):
+    data = (sample_dir / "photos" / "obamas.jpg").read_bytes()
+    with pytest.raises(ImageError):
+        decode_gray(data[:200])
+
+
+def test_list_images_is_sorted_filtered_and_recursive(tmp_path):
+    (tmp_path / "b").mkdir()
+    for name in ("b/z.JPG", "a.png", "notes.txt", "b/c.jpeg"):
+        (tmp_path / name).write_bytes(b"x")
+    found = list_images(str(tmp_path))
+    assert [p.rsplit("/", 1)[-1] for p in found] == ["a.png", "c.jpeg", "z.JPG"]
+    assert list_images(str(tmp_path / "a.png")) == [str(tmp_path / "a.png")]
+    with pytest.raises(FileNotFoundError):
+        list_images(str(tmp_path / "missing"))
+
+
+def test_read_missing_file_names_it(tmp_path):
+    with pytest.raises(ImageError, match="not found"):
+        read_gray(str(tmp_path / "nope.jpg"))

@@ -1,0 +1,58 @@
+import numpy as np
+import torch
+
+from fkd_core.augment import AugmentConfig, sample_batch
+from fkd_core.geometry import denormalise
+from fkd_core.train import TrainParams, fit
+
+
+def _toy(n=24, seed=0):
+    """Canonical crops with a bright dot at keypoint 0's position: learnable, and cheap."""
+    rng = np.random.default_rng(seed)
+    crops = np.zeros((n, 144, 144), np.uint8)
+    kp = np.tile(rng.uniform(40, 104, size=(1, 68, 2)), (n, 1, 1)).astype(np.float32)
+    for i in range(n):
+        crops[i] = rng.integers(0, 40, size=(144, 144))
+        kp[i] += rng.normal(0, 2, size=(68, 2)).astype(np.float32)
+    return crops, kp
+
+
+def test_unaugmented_sample_is_the_inner_square():
+    crops, kp = _toy(2)
+    x, y = sample_batch(crops, kp, np.arange(2), 96, 1 / 1.5)
+    assert x.shape == (2, 1, 96, 96) and y.shape == (2, 136)
+    # the inner 96 px of a 144 px canonical crop is taken 1:1
+    assert np.allclose(x[0, 0], crops[0, 24:120, 24:120] / 255.0, atol=1e-6)
+    assert np.allclose(denormalise(y[0].reshape(68, 2), 96), kp[0] - 24, atol=1e-4)
+
+
+def test_augmented_keypoints_follow_the_pixels():
+    crops = np.zeros((1, 144, 144), np.uint8)
+    kp = np.full((1, 68, 2), 72.0, np.float32)
+    kp[0, 45] = [90.0, 60.0]
+    crops[0, 58:63, 88:93] = 255
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        x, y = sample_batch(crops, kp, np.array([0]), 96, 1 / 1.5, rng, AugmentConfig(brightness=0, contrast=0))
+        pts = denormalise(y[0].reshape(68, 2), 96)
+        img = x[0, 0]
+        ys, xs = np.nonzero(img > 0.05)
+        w = img[ys, xs]
+        centroid = np.array([(xs * w).sum() / w.sum(), (ys * w).sum() / w.sum()])
+        dot = pts[45] if not np.allclose(pts[45], pts[0]) else pts[36]
+        # after a flip the dot's point is relabelled 36
+        near = min(np.abs(pts[45] - centroid).max(), np.abs(pts[36] - centroid).max())
+        assert near < 0.6, (dot, centroid)
+
+
+def test_fit_is_deterministic_and_learns():
+    crops, kp = _toy()
+    params = TrainParams(epochs=3, batch_size=8, patience=5, seed=7)
+    torch.set_num_threads(1)
+    m1, h1 = fit((crops, kp), (crops[:8], kp[:8]), params=params, inner=1 / 1.5)
+    m2, h2 = fit((crops, kp), (crops[:8], kp[:8]), params=params, inner=1 / 1.5)
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert [e.train_mse for e in h1.epochs] == [e.train_mse for e in h2.epochs]
+    assert h1.epochs[-1].train_mse < h1.epochs[0].train_mse
+    assert h1.best_epoch == min(h1.epochs, key=lambda e: e.val_nme).epoch

@@ -1,0 +1,182 @@
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from fkd_core.parquet_io import FACES_SCHEMA, IMAGES_SCHEMA, dataset, keypoints_from_column, output_tables
+from flows.annotate import AnnotateConfig, annotate
+from tests.flows.conftest import BIN, stop
+
+pytestmark = pytest.mark.flows
+
+
+def _tables(out):
+    t = output_tables(str(out))
+    return t["images"].to_table(), t["faces"].to_table()
+
+
+def faces_by_image(faces):
+    """{(image_uri, face_index): (box, keypoints)} for comparing runs."""
+    kx, ky = keypoints_from_column(faces.column("keypoints_x")), keypoints_from_column(faces.column("keypoints_y"))
+    cols = [faces.column(c).to_pylist() for c in ("image_uri", "face_index", "box_x", "box_y", "box_w", "box_h")]
+    return {(u, i): ((x, y, w, h), np.stack([kx[j], ky[j]], 1)) for j, (u, i, x, y, w, h) in enumerate(zip(*cols))}
+
+
+def test_bad_files_become_error_rows_and_the_batch_goes_on(tmp_path, corrupt_dir, model_path):
+    out = tmp_path / "out"
+    doc = annotate(
+        AnnotateConfig(
+            source=str(corrupt_dir), out=str(out), model=model_path, shard_size=4, run_id="mixed", max_pixels=20_000_000
+        )
+    )
+    images, faces = _tables(out)
+    assert images.schema.remove(images.schema.get_field_index("run_id")).equals(IMAGES_SCHEMA)
+    assert faces.schema.remove(faces.schema.get_field_index("run_id")).equals(FACES_SCHEMA)
+    rows = {
+        u.rsplit("/", 1)[-1]: (s, e, n)
+        for u, s, e, n in zip(*(images.column(c).to_pylist() for c in ("image_uri", "status", "error", "n_faces")))
+    }
+    assert len(rows) == 9 == doc["images_planned"]
+    for bad in ("truncated.jpg", "empty.jpg", "not_an_image.png", "garbage.jpg", "bomb.png"):
+        assert rows[bad][0] == "error" and rows[bad][1], bad
+    assert "too many pixels" in rows["bomb.png"][1] and "empty" in rows["empty.jpg"][1]
+    assert rows["blank.png"] == ("no_face", None, 0)
+    assert rows["obamas.jpg"][0] == "ok" and rows["obamas.jpg"][2] == 2
+    assert rows["mona_lisa.jpg"][2] == 1 and rows["frame.jpg"][2] == 1
+    assert faces.num_rows == sum(r[2] for r in rows.values())
+    assert set(faces.column("run_id").to_pylist()) == {"mixed"}
+    # keypoints land inside their face boxes' neighbourhood, in original pixels
+    for (uri, _), (box, kp) in faces_by_image(faces).items():
+        x, y, w, h = box
+        centre = kp.mean(axis=0)
+        assert x - 0.5 * w < centre[0] < x + 1.5 * w and y - 0.5 * h < centre[1] < y + 1.5 * h, uri
+    ok = pc.equal(images.column("status"), "ok")
+    assert all(len(s) == 64 for s in pc.filter(images.column("sha256"), ok).to_pylist())
+    run = json.loads((out / "runs" / "mixed.json").read_text())
+    assert run["status"] == "completed" and run["counts_this_attempt"]["error"] == 5
+    assert run["model_id"] == faces.column("model_id")[0].as_py()
+
+
+def test_rerun_of_a_finished_run_does_nothing_and_incremental_skips_known_images(tmp_path, sample_dir, model_path):
+    out = tmp_path / "out"
+    src = tmp_path / "src"
+    src.mkdir()
+    names = sorted(os.listdir(sample_dir / "images"))[:6]
+    for n in names[:4]:
+        (src / n).write_bytes((sample_dir / "images" / n).read_bytes())
+    annotate(AnnotateConfig(source=str(src), out=str(out), model=model_path, shard_size=2, run_id="a"))
+    again = annotate(AnnotateConfig(source=str(src), out=str(out), model=model_path, shard_size=2, run_id="a"))
+    assert again["shards_run_now"] == 0
+    for n in names[4:]:
+        (src / n).write_bytes((sample_dir / "images" / n).read_bytes())
+    inc = annotate(
+        AnnotateConfig(source=str(src), out=str(out), model=model_path, shard_size=2, run_id="b", incremental=True)
+    )
+    assert inc["skipped_existing"] == 4 and inc["images_planned"] == 2
+    images, _ = _tables(out)
+    uris = images.column("image_uri").to_pylist()
+    assert len(uris) == len(set(uris)) == 6
+
+
+def test_killed_run_resumes_without_duplicates_or_gaps(tmp_path, sample_dir, model_path):
+    """Kill a real `fkd annotate` process mid-run, rerun the same run id, compare with a clean run."""
+    src = str(sample_dir / "images")
+    out = tmp_path / "out"
+    cmd = [str(BIN / "fkd"), "annotate", src, str(out), "--run-id", "k", "--shard-size", "3", "--model", model_path]
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env.pop("PREFECT_API_URL", None)  # the child runs its own ephemeral Prefect API
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    parts = out / "images" / "run_id=k"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if parts.is_dir() and len([p for p in parts.iterdir() if p.suffix == ".parquet"]) >= 3:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.wait(timeout=30)
+    finally:
+        stop(proc)
+    done_before = len([p for p in parts.iterdir() if p.suffix == ".parquet"])
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert 3 <= done_before < 20
+    doc = annotate(AnnotateConfig(source=src, out=str(out), model=model_path, shard_size=3, run_id="k"))
+    assert doc["shards_run_now"] == 20 - done_before
+    images, faces = _tables(out)
+    uris = images.column("image_uri").to_pylist()
+    assert len(uris) == len(set(uris)) == 60
+    keys = list(zip(faces.column("image_uri").to_pylist(), faces.column("face_index").to_pylist()))
+    assert len(keys) == len(set(keys))
+    clean = tmp_path / "clean"
+    annotate(AnnotateConfig(source=src, out=str(clean), model=model_path, shard_size=3, run_id="k"))
+    _, clean_faces = _tables(clean)
+    a, b = faces_by_image(faces), faces_by_image(clean_faces)
+    assert a.keys() == b.keys()
+    assert all(a[k][0] == b[k][0] and np.allclose(a[k][1], b[k][1], atol=1e-3) for k in a)
+
+
+def test_cli_query_and_show(tmp_path, sample_dir, model_path):
+    out = tmp_path / "out"
+    annotate(AnnotateConfig(source=str(sample_dir / "photos"), out=str(out), model=model_path, run_id="p"))
+    q = subprocess.run(
+        [
+            str(BIN / "fkd"),
+            "query",
+            str(out),
+            "--format",
+            "json",
+            "select regexp_extract(image_uri, '[^/]+$') as name, n_faces from images order by name",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(q.stdout) == [
+        {"name": "mona_lisa.jpg", "n_faces": 1},
+        {"name": "obamas.jpg", "n_faces": 2},
+        {"name": "the_beatles.jpg", "n_faces": 4},
+    ]
+    png = tmp_path / "o.png"
+    s = subprocess.run(
+        [str(BIN / "fkd"), "show", str(out), "obamas.jpg", "--png", str(png)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "2 face(s)" in s.stdout
+    import cv2
+
+    drawn, orig = cv2.imread(str(png)), cv2.imread(str(sample_dir / "photos" / "obamas.jpg"))
+    assert drawn.shape == orig.shape
+    assert (
+        np.abs(drawn.astype(int) - cv2.cvtColor(cv2.cvtColor(orig, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)).sum(axis=2)
+        > 60
+    ).sum() > 500  # keypoints and boxes were drawn
+    bad = subprocess.run(
+        [str(BIN / "fkd"), "query", str(tmp_path / "nothing"), "select 1"], capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "no images/ table" in bad.stdout + bad.stderr
+
+
+def test_bad_checkpoint_fails_before_any_shard(tmp_path, sample_dir):
+    from fkd_core.errors import CheckpointError
+
+    with pytest.raises(CheckpointError):
+        annotate(
+            AnnotateConfig(
+                source=str(sample_dir / "photos"), out=str(tmp_path / "o"), model=str(tmp_path / "missing.safetensors")
+            )
+        )
+    assert not (tmp_path / "o" / "images").exists()
+
+
+def test_dataset_reader_ignores_leftover_temporary_files(tmp_path, sample_dir, model_path):
+    out = tmp_path / "out"
+    annotate(AnnotateConfig(source=str(sample_dir / "photos"), out=str(out), model=model_path, run_id="t"))
+    (out / "images" / "run_id=t" / ".part-00009.parquet.deadbeef.tmp").write_bytes(b"partial")
+    assert dataset(str(out / "images"), partitioning="runs").to_table().num_rows == 3
