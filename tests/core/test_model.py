@@ -11,7 +11,7 @@ from fkd_core.model import NaimishNet, NaimishNetConfig, count_parameters, flatt
 
 def test_layer_table_of_design_md():
     m = NaimishNet()
-    convs = [l for l in m.modules() if isinstance(l, nn.Conv2d)]
+    convs = [mod for mod in m.modules() if isinstance(mod, nn.Conv2d)]
     assert [(c.out_channels, c.kernel_size, c.padding) for c in convs] == [
         (32, (4, 4), (0, 0)),
         (64, (3, 3), (0, 0)),
@@ -25,10 +25,10 @@ def test_layer_table_of_design_md():
         assert isinstance(seq[i + 2], nn.MaxPool2d) and seq[i + 2].kernel_size == 2 and seq[i + 2].stride == 2
         assert isinstance(seq[i + 3], nn.Dropout) and seq[i + 3].p == p
     head = list(m.head)
-    kinds = [type(l).__name__ for l in head]
+    kinds = [type(mod).__name__ for mod in head]
     assert kinds == ["Flatten", "Linear", "ELU", "Dropout", "Linear", "Dropout", "Linear"]
     assert head[3].p == 0.5 and head[5].p == 0.6
-    assert [(l.in_features, l.out_features) for l in head if isinstance(l, nn.Linear)] == [
+    assert [(mod.in_features, mod.out_features) for mod in head if isinstance(mod, nn.Linear)] == [
         (256 * 5 * 5, 1000),
         (1000, 1000),
         (1000, 136),

@@ -24,7 +24,10 @@ def faces_by_image(faces):
     """{(image_uri, face_index): (box, keypoints)} for comparing runs."""
     kx, ky = keypoints_from_column(faces.column("keypoints_x")), keypoints_from_column(faces.column("keypoints_y"))
     cols = [faces.column(c).to_pylist() for c in ("image_uri", "face_index", "box_x", "box_y", "box_w", "box_h")]
-    return {(u, i): ((x, y, w, h), np.stack([kx[j], ky[j]], 1)) for j, (u, i, x, y, w, h) in enumerate(zip(*cols))}
+    return {
+        (u, i): ((x, y, w, h), np.stack([kx[j], ky[j]], 1))
+        for j, (u, i, x, y, w, h) in enumerate(zip(*cols, strict=True))
+    }
 
 
 def test_bad_files_become_error_rows_and_the_batch_goes_on(tmp_path, corrupt_dir, model_path):
@@ -39,7 +42,9 @@ def test_bad_files_become_error_rows_and_the_batch_goes_on(tmp_path, corrupt_dir
     assert faces.schema.remove(faces.schema.get_field_index("run_id")).equals(FACES_SCHEMA)
     rows = {
         u.rsplit("/", 1)[-1]: (s, e, n)
-        for u, s, e, n in zip(*(images.column(c).to_pylist() for c in ("image_uri", "status", "error", "n_faces")))
+        for u, s, e, n in zip(
+            *(images.column(c).to_pylist() for c in ("image_uri", "status", "error", "n_faces")), strict=True
+        )
     }
     assert len(rows) == 9 == doc["images_planned"]
     for bad in ("truncated.jpg", "empty.jpg", "not_an_image.png", "garbage.jpg", "bomb.png"):
@@ -110,7 +115,7 @@ def test_killed_run_resumes_without_duplicates_or_gaps(tmp_path, sample_dir, mod
     images, faces = _tables(out)
     uris = images.column("image_uri").to_pylist()
     assert len(uris) == len(set(uris)) == 60
-    keys = list(zip(faces.column("image_uri").to_pylist(), faces.column("face_index").to_pylist()))
+    keys = list(zip(faces.column("image_uri").to_pylist(), faces.column("face_index").to_pylist(), strict=True))
     assert len(keys) == len(set(keys))
     clean = tmp_path / "clean"
     annotate(AnnotateConfig(source=src, out=str(clean), model=model_path, shard_size=3, run_id="k"))
