@@ -53,7 +53,7 @@ def _load_cascade(path: str) -> cv2.CascadeClassifier:
 
 
 def detect_faces(gray: np.ndarray, cfg: DetectorConfig = DetectorConfig()) -> list[Box]:
-    """Detect faces in an 8-bit grayscale image; boxes in original pixels, in detector order."""
+    """Detect faces in an 8-bit grayscale image; boxes in original pixels, largest first."""
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise ValueError(f"expected a (H, W) uint8 image, got {gray.shape} {gray.dtype}")
     h, w = gray.shape
@@ -66,7 +66,10 @@ def detect_faces(gray: np.ndarray, cfg: DetectorConfig = DetectorConfig()) -> li
     found = load_cascade(cfg.cascade).detectMultiScale(
         img, scaleFactor=cfg.scale_factor, minNeighbors=cfg.min_neighbors, minSize=(min_size, min_size)
     )
-    return [Box(*(round(float(v) / scale) for v in b)) for b in np.asarray(found).reshape(-1, 4)]
+    boxes = [Box(*(round(float(v) / scale) for v in b)) for b in np.asarray(found).reshape(-1, 4)]
+    # detectMultiScale collects candidates from parallel threads, so its raw order varies from run to run;
+    # a fixed order (largest face first, then left to right, top to bottom) makes face_index reproducible.
+    return sorted(boxes, key=lambda b: (-b.w * b.h, b.x, b.y))
 
 
 def match_box(boxes: list[Box], cx: float, cy: float) -> int | None:

@@ -1,0 +1,120 @@
+"""Buckets on a real local S3 (moto server) and scale-out on a real local Dask cluster."""
+
+import os
+
+import numpy as np
+import pytest
+
+from fkd_core.image_io import list_images
+from fkd_core.parquet_io import output_tables
+from flows.annotate import AnnotateConfig, annotate
+from flows.ingest import IngestConfig, ingest
+from tests.flows.test_annotate import faces_by_image
+
+pytestmark = pytest.mark.flows
+
+NAMES = None
+
+
+def _upload(fs, bucket: str, sample_dir) -> list[str]:
+    fs.mkdir(bucket)
+    names = sorted(os.listdir(sample_dir / "images"))[:24]
+    for n in names:
+        fs.put_file(str(sample_dir / "images" / n), f"{bucket}/in/{n}")
+    fs.put_file(str(sample_dir / "photos" / "obamas.jpg"), f"{bucket}/in/photos/obamas.jpg")
+    fs.pipe_file(f"{bucket}/in/broken.jpg", b"\xff\xd8\xff\xe0 not really a jpeg")
+    return names
+
+
+def _local_copy(tmp_path, sample_dir, names):
+    d = tmp_path / "in"
+    (d / "photos").mkdir(parents=True)
+    for n in names:
+        (d / n).write_bytes((sample_dir / "images" / n).read_bytes())
+    (d / "photos" / "obamas.jpg").write_bytes((sample_dir / "photos" / "obamas.jpg").read_bytes())
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return d
+
+
+def _rows(out):
+    t = output_tables(str(out))
+    images = t["images"].to_table()
+    key = lambda u: u.split("/in/", 1)[1]  # noqa: E731
+    img = {key(u): (s, n, b, h) for u, s, n, b, h in zip(*(images.column(c).to_pylist() for c in
+                                                           ("image_uri", "status", "n_faces", "bytes", "sha256")),
+                                                         strict=True)}
+    faces = {(key(u), i): v for (u, i), v in faces_by_image(t["faces"].to_table()).items()}
+    return img, faces
+
+
+def _assert_same(a, b):
+    img_a, faces_a = a
+    img_b, faces_b = b
+    assert img_a == img_b
+    assert faces_a.keys() == faces_b.keys()
+    for k in faces_a:
+        assert faces_a[k][0] == faces_b[k][0]
+        assert np.allclose(faces_a[k][1], faces_b[k][1], atol=1e-3), k
+
+
+@pytest.mark.s3
+def test_annotate_bucket_to_bucket_equals_the_local_run(tmp_path, s3fs_clean, sample_dir, model_path):
+    names = _upload(s3fs_clean, "fkd-in", sample_dir)
+    assert len(list_images("s3://fkd-in/in")) == 26
+    s3_doc = annotate(AnnotateConfig(source="s3://fkd-in/in", out="s3://fkd-out/ann", model=model_path,
+                                     shard_size=10, run_id="s3"))
+    assert s3_doc["counts_this_attempt"]["images"] == 26
+    assert s3fs_clean.exists("fkd-out/ann/runs/s3.json")
+    assert s3fs_clean.exists("fkd-out/ann/images/run_id=s3/part-00002.parquet")
+    local = tmp_path / "local"
+    annotate(AnnotateConfig(source=str(_local_copy(tmp_path, sample_dir, names)), out=str(local), model=model_path,
+                            shard_size=10, run_id="s3"))
+    s3_rows, local_rows = _rows("s3://fkd-out/ann"), _rows(local)
+    assert s3_rows[0]["broken.jpg"][0] == "error" and s3_rows[0]["photos/obamas.jpg"][1] == 2
+    _assert_same(s3_rows, local_rows)
+
+
+@pytest.mark.s3
+def test_ingest_reads_csv_and_images_from_a_bucket(tmp_path, s3fs_clean, sample_dir, sample_csv):
+    s3fs_clean.mkdir("fkd-train")
+    s3fs_clean.put(str(sample_dir / "images"), "fkd-train/images", recursive=True)
+    s3fs_clean.put_file(str(sample_csv), "fkd-train/keypoints.csv")
+    report = ingest(IngestConfig(csv="s3://fkd-train/keypoints.csv", images="s3://fkd-train/images",
+                                 out="s3://fkd-train/out", shard_size=30))
+    assert report["rows_kept"] == 60 and report["rows_refused"] == 0
+    from fkd_core.parquet_io import read_examples
+
+    crops, kp, ids = read_examples("s3://fkd-train/out/examples")
+    local = ingest(IngestConfig(csv=str(sample_csv), images=str(sample_dir / "images"), out=str(tmp_path / "o")))
+    lcrops, lkp, lids = read_examples(str(tmp_path / "o" / "examples"))
+    assert ids == lids and np.array_equal(crops, lcrops) and np.allclose(kp, lkp)
+    assert local["boxes_from_haar"] == report["boxes_from_haar"]
+
+
+@pytest.mark.dask
+def test_annotate_on_dask_equals_the_local_run(tmp_path, dask_cluster, sample_dir, model_path):
+    src = str(sample_dir / "images")
+    doc = annotate(AnnotateConfig(source=src, out=str(tmp_path / "dask"), model=model_path, shard_size=10,
+                                  run_id="d", dask_address=dask_cluster))
+    assert doc["shards_run_now"] == 6
+    annotate(AnnotateConfig(source=src, out=str(tmp_path / "local"), model=model_path, shard_size=10, run_id="d"))
+    a, b = output_tables(str(tmp_path / "dask")), output_tables(str(tmp_path / "local"))
+    ia, ib = a["images"].to_table().sort_by("image_uri"), b["images"].to_table().sort_by("image_uri")
+    for col in ("image_uri", "status", "n_faces", "width", "height", "bytes", "sha256"):
+        assert ia.column(col).to_pylist() == ib.column(col).to_pylist(), col
+    fa, fb = faces_by_image(a["faces"].to_table()), faces_by_image(b["faces"].to_table())
+    assert fa.keys() == fb.keys() and len(fa) >= 60
+    _debug(fa, fb)
+    assert all(fa[k][0] == fb[k][0] and np.allclose(fa[k][1], fb[k][1], atol=1e-3) for k in fa)
+    # the shards really ran on the workers, not in this process
+    from distributed import Client
+
+    with Client(dask_cluster) as c:
+        logs = c.run(lambda: __import__("flows.annotate").annotate._predictor.cache_info().currsize)
+    assert sum(logs.values()) >= 1
+
+
+def _debug(fa, fb):
+    for k in fa:
+        if fa[k][0] != fb[k][0] or not np.allclose(fa[k][1], fb[k][1], atol=1e-3):
+            print(k, fa[k][0], fb[k][0], np.abs(fa[k][1] - fb[k][1]).max())
