@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -86,9 +87,15 @@ def _prepare(uri: str, data: bytes | ImageError, predictor: Predictor, s: Annota
 def annotate_images(uris: list[str], predictor: Predictor, s: AnnotateSettings = AnnotateSettings()) -> list[_Image]:
     """Detect and crop every face of ``uris`` (threads overlap I/O, decode and Haar), then run the model once."""
     threads = s.threads or os.cpu_count() or 1
+    window = 4 * threads  # images in flight: bounds memory to a few decoded images, whatever the shard size
+    images: list[_Image] = []
     with ThreadPoolExecutor(threads) as pool:
-        futures = [pool.submit(_prepare, u, d, predictor, s) for u, d in iter_read(uris, s.max_bytes)]
-        images = [f.result() for f in futures]
+        pending: deque = deque()
+        for u, d in iter_read(uris, s.max_bytes, window):
+            pending.append(pool.submit(_prepare, u, d, predictor, s))
+            if len(pending) >= window:
+                images.append(pending.popleft().result())
+        images += [f.result() for f in pending]
     crops = [c for im in images for c in im.crops]
     if crops:
         pred = predictor.predict_crops(np.stack(crops))

@@ -12,7 +12,11 @@ import numpy as np
 from fkd_core.types import Box
 
 CASCADE_DIR = Path(__file__).resolve().parent.parent / "detector_architectures"
+# The repository ships the cascade; an installed (non-editable) package falls back to the identical file
+# inside the OpenCV wheel.
 DEFAULT_CASCADE = CASCADE_DIR / "haarcascade_frontalface_default.xml"
+if not DEFAULT_CASCADE.is_file():  # pragma: no cover
+    DEFAULT_CASCADE = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ class CropPolicy:
     keypoints span about 0.88 of the Haar box side and their centre sits 0.12 box heights below its centre.
     """
 
-    scale: float = 1.5
+    scale: float = 1.3
     shift_y: float = 0.12
 
 

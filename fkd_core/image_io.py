@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -166,8 +165,14 @@ def read_gray(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     return decode_gray(read_bytes(uri), max_pixels=max_pixels)
 
 
-def iter_read(uris: list[str], max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[tuple[str, bytes | ImageError]]:
-    """Yield ``(uri, bytes)`` or ``(uri, error)`` for each URI; reads from remote stores concurrently."""
+def iter_read(
+    uris: list[str], max_bytes: int = DEFAULT_MAX_BYTES, window: int = 16
+) -> Iterator[tuple[str, bytes | ImageError]]:
+    """Yield ``(uri, bytes)`` or ``(uri, error)`` for each URI, in order.
+
+    Remote stores are read by a few threads, at most ``window`` files ahead of the consumer, so memory stays
+    bounded however large the list or the files.
+    """
     if not uris:
         return
     fs, _ = url_to_fs(uris[0])
@@ -178,6 +183,7 @@ def iter_read(uris: list[str], max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[t
             except ImageError as e:
                 yield u, e
         return
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     def _one(u: str) -> bytes | ImageError:
@@ -186,6 +192,13 @@ def iter_read(uris: list[str], max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[t
         except ImageError as e:
             return e
 
-    workers = min(16, max(4, (os.cpu_count() or 2) * 4))
-    with ThreadPoolExecutor(workers) as pool:
-        yield from zip(uris, pool.map(_one, uris), strict=True)
+    with ThreadPoolExecutor(min(window, 8)) as pool:
+        pending: deque = deque()
+        for u in uris:
+            pending.append((u, pool.submit(_one, u)))
+            if len(pending) >= window:
+                head, fut = pending.popleft()
+                yield head, fut.result()
+        while pending:
+            head, fut = pending.popleft()
+            yield head, fut.result()

@@ -22,21 +22,21 @@ class Face:
 class Predictor:
     """A model ready for fast CPU inference.
 
-    ``fast=True`` traces and freezes the network with TorchScript (dropout removed, conv+ELU fused where the
-    backend can); outputs equal eager mode to float tolerance (see ``benchmarks/bench_model.py``).
+    ``backend="onnx"`` (the default) exports the network in-process to ONNX and runs it with ONNX Runtime,
+    about 2.5x the throughput of eager PyTorch on CPU with outputs equal to 1e-4 px
+    (``benchmarks/bench_model.py``); ``backend="torch"`` runs eager PyTorch.
     """
 
-    def __init__(self, model: NaimishNet, policy: CropPolicy, fast: bool = True, batch_size: int = 64):
+    def __init__(self, model: NaimishNet, policy: CropPolicy, backend: str = "onnx", batch_size: int = 64):
+        if backend not in ("onnx", "torch"):
+            raise ValueError(f"backend must be 'onnx' or 'torch', got {backend!r}")
         self.cfg = model.cfg
         self.policy = policy
         self.batch_size = batch_size
+        self.backend = backend
         model = model.eval()
-        self._fn = model
-        if fast:
-            with torch.inference_mode():
-                example = torch.zeros(1, 1, self.cfg.input_size, self.cfg.input_size)
-                traced = torch.jit.trace(model, example, check_trace=False)
-                self._fn = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+        self._torch = model
+        self._session = _onnx_session(model) if backend == "onnx" else None
 
     @property
     def size(self) -> int:
@@ -49,9 +49,13 @@ class Predictor:
             return np.zeros((0, self.cfg.num_keypoints, 2), np.float32)
         out = []
         for start in range(0, len(crops), self.batch_size):
-            x = torch.from_numpy(crops[start : start + self.batch_size]).unsqueeze(1).float().mul_(1.0 / 255.0)
-            out.append(self._fn(x).numpy())
-        pred = np.concatenate(out).reshape(len(crops), -1, 2)
+            # (B, 1, S, S) float32 in [0, 1]
+            x = crops[start : start + self.batch_size, None].astype(np.float32) * np.float32(1.0 / 255.0)
+            if self._session is not None:
+                out.append(self._session.run(None, {"x": x})[0])
+            else:
+                out.append(self._torch(torch.from_numpy(x)).numpy())
+        pred = np.concatenate(out).reshape(len(crops), -1, 2)  # (N, 68, 2) in [-1, 1]
         return denormalise(pred, self.size).astype(np.float32)
 
     def crop(self, gray: np.ndarray, box: Box) -> tuple[np.ndarray, CropTransform]:
@@ -68,3 +72,29 @@ class Predictor:
     def predict_image(self, gray: np.ndarray, detector: DetectorConfig = DetectorConfig()) -> list[Face]:
         """Detect every face in a grayscale image and put 68 keypoints on each."""
         return self.predict_boxes(gray, detect_faces(gray, detector))
+
+
+def _onnx_session(model: NaimishNet):
+    """Export ``model`` to ONNX in memory and open an ONNX Runtime session with as many threads as torch."""
+    import io
+    import warnings
+
+    import onnxruntime as ort
+
+    buf = io.BytesIO()
+    size = model.cfg.input_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its own deprecation
+        torch.onnx.export(
+            model,
+            torch.zeros(1, 1, size, size),
+            buf,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+            dynamo=False,
+        )
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])

@@ -23,30 +23,55 @@ def annotate(
     source: Annotated[str, typer.Argument(help="Image directory, s3:// prefix, any fsspec URL, or one image")],
     out: Annotated[str, typer.Argument(help="Output directory or s3:// prefix")],
     run_id: Annotated[str | None, typer.Option(help="Resume (or name) this run")] = None,
-    model: Annotated[str, typer.Option(help="Checkpoint .safetensors")] = str(DEFAULT_MODEL),
-    shard_size: Annotated[int, typer.Option(help="Images per task")] = 500,
+    model: Annotated[str | None, typer.Option(help="Checkpoint .safetensors [FKD_MODEL]")] = None,
+    shard_size: Annotated[int | None, typer.Option(help="Images per task [FKD_SHARD_SIZE]")] = None,
     incremental: Annotated[bool, typer.Option(help="Skip images already annotated under OUT")] = False,
     dask_address: Annotated[str | None, typer.Option(help="Run shards on this Dask scheduler")] = None,
-    workers: Annotated[int, typer.Option(help="Shards at once (local runner)")] = 1,
+    workers: Annotated[int | None, typer.Option(help="Shards at once, local runner [FKD_WORKERS]")] = None,
 ) -> None:
     """Find every face under SOURCE and write 68 keypoints per face to OUT (Parquet)."""
     from flows.annotate import AnnotateConfig
     from flows.annotate import annotate as flow
 
+    s = _settings(model=model, shard_size=shard_size, dask_address=dask_address, workers=workers)
     doc = flow(
         AnnotateConfig(
             source=source,
             out=out,
             run_id=run_id,
-            model=model,
-            shard_size=shard_size,
+            model=s.model,
+            shard_size=s.shard_size,
             incremental=incremental,
-            dask_address=dask_address,
-            workers=workers,
+            dask_address=s.dask_address,
+            workers=s.workers,
+            max_pixels=s.max_pixels,
             progress=sys.stderr.isatty(),
         )
     )
     _print({k: doc[k] for k in ("run_id", "model_id", "images_planned", "counts_this_attempt", "seconds")})
+
+
+@app.command()
+def serve(
+    interval: Annotated[float | None, typer.Option(help="Run the nightly deployment every N seconds instead")] = None,
+) -> None:
+    """Serve the deployments (nightly incremental annotation from FKD_NIGHTLY_SOURCE, and on-demand flows)."""
+    from flows.deploy import serve_all
+
+    s = _settings()
+    if not (s.nightly_source and s.nightly_out):
+        typer.echo("FKD_NIGHTLY_SOURCE / FKD_NIGHTLY_OUT not set: serving on-demand deployments only", err=True)
+    serve_all(s, interval)
+
+
+def _settings(**overrides):
+    from flows.settings import SettingsError, load_settings
+
+    try:
+        return load_settings(**overrides)
+    except SettingsError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from e
 
 
 @app.command()

@@ -39,6 +39,7 @@ class TrainConfig(BaseModel):
     augment: bool = Field(True, description="Box jitter, scale, rotation, flip and brightness augmentation")
     max_train: int | None = Field(None, ge=1, description="Use only the first N training examples (smoke runs)")
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: all cores)")
+    init: str | None = Field(None, description="Start from this checkpoint's weights (fine-tuning, continuing)")
 
 
 @task
@@ -102,6 +103,9 @@ def train(cfg: TrainConfig) -> dict:
         )
         update_progress_artifact(progress, progress=100.0 * s.epoch / cfg.epochs)
 
+    start = load_checkpoint(cfg.init).model if cfg.init else None
+    if start is not None and start.cfg.input_size != cfg.input_size:
+        raise ValueError(f"init checkpoint has input_size {start.cfg.input_size}, config asks for {cfg.input_size}")
     model, history = fit(
         train_xy,
         val_xy,
@@ -109,6 +113,7 @@ def train(cfg: TrainConfig) -> dict:
         params=params,
         inner=inner,
         on_epoch=on_epoch,
+        model=start,
     )
     update_progress_artifact(progress, progress=100.0)
     best = history.best

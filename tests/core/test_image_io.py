@@ -86,3 +86,23 @@ def test_list_images_is_sorted_filtered_and_recursive(tmp_path):
 def test_read_missing_file_names_it(tmp_path):
     with pytest.raises(ImageError, match="not found"):
         read_gray(str(tmp_path / "nope.jpg"))
+
+
+def test_iter_read_keeps_order_and_reports_errors_over_a_remote_filesystem():
+    import fsspec
+
+    from fkd_core.image_io import iter_read
+
+    fs = fsspec.filesystem("memory")
+    uris = []
+    for i in range(40):
+        fs.pipe_file(f"/bucket/img{i:02d}.jpg", bytes([i]) * (i + 1))
+        uris.append(f"memory://bucket/img{i:02d}.jpg")
+    uris.insert(7, "memory://bucket/missing.jpg")
+    got = list(iter_read(uris, max_bytes=30, window=4))
+    assert [u for u, _ in got] == uris
+    by_uri = dict(got)
+    assert isinstance(by_uri["memory://bucket/missing.jpg"], ImageError)
+    assert by_uri["memory://bucket/img03.jpg"] == bytes([3]) * 4
+    assert isinstance(by_uri["memory://bucket/img35.jpg"], ImageError)  # 36 bytes > max_bytes
+    assert "larger than 30 bytes" in str(by_uri["memory://bucket/img35.jpg"])

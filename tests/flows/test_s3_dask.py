@@ -40,9 +40,12 @@ def _rows(out):
     t = output_tables(str(out))
     images = t["images"].to_table()
     key = lambda u: u.split("/in/", 1)[1]  # noqa: E731
-    img = {key(u): (s, n, b, h) for u, s, n, b, h in zip(*(images.column(c).to_pylist() for c in
-                                                           ("image_uri", "status", "n_faces", "bytes", "sha256")),
-                                                         strict=True)}
+    img = {
+        key(u): (s, n, b, h)
+        for u, s, n, b, h in zip(
+            *(images.column(c).to_pylist() for c in ("image_uri", "status", "n_faces", "bytes", "sha256")), strict=True
+        )
+    }
     faces = {(key(u), i): v for (u, i), v in faces_by_image(t["faces"].to_table()).items()}
     return img, faces
 
@@ -61,14 +64,22 @@ def _assert_same(a, b):
 def test_annotate_bucket_to_bucket_equals_the_local_run(tmp_path, s3fs_clean, sample_dir, model_path):
     names = _upload(s3fs_clean, "fkd-in", sample_dir)
     assert len(list_images("s3://fkd-in/in")) == 26
-    s3_doc = annotate(AnnotateConfig(source="s3://fkd-in/in", out="s3://fkd-out/ann", model=model_path,
-                                     shard_size=10, run_id="s3"))
+    s3_doc = annotate(
+        AnnotateConfig(source="s3://fkd-in/in", out="s3://fkd-out/ann", model=model_path, shard_size=10, run_id="s3")
+    )
     assert s3_doc["counts_this_attempt"]["images"] == 26
     assert s3fs_clean.exists("fkd-out/ann/runs/s3.json")
     assert s3fs_clean.exists("fkd-out/ann/images/run_id=s3/part-00002.parquet")
     local = tmp_path / "local"
-    annotate(AnnotateConfig(source=str(_local_copy(tmp_path, sample_dir, names)), out=str(local), model=model_path,
-                            shard_size=10, run_id="s3"))
+    annotate(
+        AnnotateConfig(
+            source=str(_local_copy(tmp_path, sample_dir, names)),
+            out=str(local),
+            model=model_path,
+            shard_size=10,
+            run_id="s3",
+        )
+    )
     s3_rows, local_rows = _rows("s3://fkd-out/ann"), _rows(local)
     assert s3_rows[0]["broken.jpg"][0] == "error" and s3_rows[0]["photos/obamas.jpg"][1] == 2
     _assert_same(s3_rows, local_rows)
@@ -79,8 +90,11 @@ def test_ingest_reads_csv_and_images_from_a_bucket(tmp_path, s3fs_clean, sample_
     s3fs_clean.mkdir("fkd-train")
     s3fs_clean.put(str(sample_dir / "images"), "fkd-train/images", recursive=True)
     s3fs_clean.put_file(str(sample_csv), "fkd-train/keypoints.csv")
-    report = ingest(IngestConfig(csv="s3://fkd-train/keypoints.csv", images="s3://fkd-train/images",
-                                 out="s3://fkd-train/out", shard_size=30))
+    report = ingest(
+        IngestConfig(
+            csv="s3://fkd-train/keypoints.csv", images="s3://fkd-train/images", out="s3://fkd-train/out", shard_size=30
+        )
+    )
     assert report["rows_kept"] == 60 and report["rows_refused"] == 0
     from fkd_core.parquet_io import read_examples
 
@@ -94,8 +108,16 @@ def test_ingest_reads_csv_and_images_from_a_bucket(tmp_path, s3fs_clean, sample_
 @pytest.mark.dask
 def test_annotate_on_dask_equals_the_local_run(tmp_path, dask_cluster, sample_dir, model_path):
     src = str(sample_dir / "images")
-    doc = annotate(AnnotateConfig(source=src, out=str(tmp_path / "dask"), model=model_path, shard_size=10,
-                                  run_id="d", dask_address=dask_cluster))
+    doc = annotate(
+        AnnotateConfig(
+            source=src,
+            out=str(tmp_path / "dask"),
+            model=model_path,
+            shard_size=10,
+            run_id="d",
+            dask_address=dask_cluster,
+        )
+    )
     assert doc["shards_run_now"] == 6
     annotate(AnnotateConfig(source=src, out=str(tmp_path / "local"), model=model_path, shard_size=10, run_id="d"))
     a, b = output_tables(str(tmp_path / "dask")), output_tables(str(tmp_path / "local"))

@@ -1,0 +1,132 @@
+"""Annotate throughput against its floor, and peak memory on a large corpus.
+
+    python benchmarks/bench_annotate.py ratio  [--n 2400] [--shard-size 500]
+    python benchmarks/bench_annotate.py memory [--n 20000]
+
+`ratio` times, in one process and one run, a bare loop of read + decode + Haar (the floor of this design:
+every image must be decoded and searched for faces) and the full annotate flow on the same images; it reports
+both rates and flow/loop. `memory` runs the flow over N images (the training set repeated under new names)
+in a child process and reports that process's peak RSS. Images come from ../shared/data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "facial-keypoints" / "training"
+
+
+def make_corpus(src: Path, n: int, dst: Path) -> Path:
+    """`n` images under `dst` as symlinks to `src` (repeated under new names when n exceeds the source)."""
+    files = sorted(p for p in src.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    dst.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        f = files[i % len(files)]
+        (dst / f"{i // len(files):02d}_{f.name}").symlink_to(f)
+    return dst
+
+
+def bare_loop(uris: list[str], detector) -> float:
+    """Images per second of read + decode + Haar, nothing else."""
+    from fkd_core.detect import detect_faces
+
+    t0 = time.perf_counter()
+    for u in uris:
+        with open(u, "rb") as f:
+            data = f.read()
+        gray = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+        detect_faces(gray, detector)
+    return len(uris) / (time.perf_counter() - t0)
+
+
+def run_flow(source: str, out: str, shard_size: int, model: str) -> float:
+    from flows.annotate import AnnotateConfig, annotate
+
+    t0 = time.perf_counter()
+    doc = annotate(AnnotateConfig(source=source, out=out, shard_size=shard_size, model=model, run_id="bench"))
+    seconds = time.perf_counter() - t0
+    return doc["counts_this_attempt"]["images"] / seconds
+
+
+def ratio(args) -> dict:
+    from fkd_core.checkpoint import load_checkpoint
+    from fkd_core.image_io import list_images
+    from flows.annotate import AnnotateConfig, annotate
+
+    detector = load_checkpoint(args.model).detector
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = make_corpus(Path(args.images), args.n, Path(tmp) / "in")
+        uris = list_images(str(corpus))
+        # warm up: the Prefect API, the model export, the page cache
+        annotate(AnnotateConfig(source=uris[0], out=f"{tmp}/warm", model=args.model))
+        bare_loop(uris[:200], detector)
+        loop1 = bare_loop(uris, detector)
+        results = {}
+        for shard in args.shard_size:
+            results[shard] = run_flow(str(corpus), f"{tmp}/out{shard}", shard, args.model)
+        loop2 = bare_loop(uris, detector)
+    loop = (loop1 + loop2) / 2
+    return {
+        "images": args.n,
+        "cpu_cores": os.cpu_count(),
+        "bare_loop_images_per_s": round(loop, 1),
+        "bare_loop_runs": [round(loop1, 1), round(loop2, 1)],
+        "flow_images_per_s": {str(k): round(v, 1) for k, v in results.items()},
+        "flow_over_loop": {str(k): round(v / loop, 3) for k, v in results.items()},
+    }
+
+
+def memory(args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = make_corpus(Path(args.images), args.n, Path(tmp) / "in")
+        code = (
+            "import json, resource, time\n"
+            "from flows.annotate import AnnotateConfig, annotate\n"
+            "t0 = time.perf_counter()\n"
+            f"doc = annotate(AnnotateConfig(source={str(corpus)!r}, out={tmp + '/out'!r}, "
+            f"shard_size={args.shard_size[0]}, model={args.model!r}))\n"
+            "print(json.dumps({'images': doc['counts_this_attempt']['images'], "
+            "'faces': doc['counts_this_attempt']['faces'], 'seconds': time.perf_counter() - t0, "
+            "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-3000:])
+        doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    doc["images_per_s"] = round(doc["images"] / doc["seconds"], 1)
+    doc["peak_rss_mb"] = round(doc["peak_rss_mb"], 1)
+    doc["largest_child_peak_rss_mb"] = round(children, 1)
+    doc["shard_size"] = args.shard_size[0]
+    return doc
+
+
+def main() -> None:
+    from fkd_core.checkpoint import DEFAULT_MODEL
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["ratio", "memory"])
+    ap.add_argument("--n", type=int, default=None)
+    ap.add_argument("--shard-size", type=int, nargs="+", default=[500])
+    ap.add_argument("--images", default=str(DEFAULT_IMAGES))
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    args = ap.parse_args()
+    args.n = args.n or (2400 if args.mode == "ratio" else 20000)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    print(json.dumps(ratio(args) if args.mode == "ratio" else memory(args), indent=2))
+
+
+if __name__ == "__main__":
+    main()
