@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import secrets
 import sys
 import time
@@ -96,9 +97,37 @@ def annotate_shard(uris: list[str], shard: int, out: str, run_id: str, model: st
     return run_shard(uris, shard, out, run_id, predictor, loaded.model_id, settings)
 
 
+def _one_incremental_run_at_a_time(out: str):
+    """A Prefect global concurrency limit of 1 per output location, for incremental runs.
+
+    Two incremental runs planning at the same moment would both claim the same new images; holding this slot
+    from listing to the last shard serialises them wherever they are launched from (a served schedule,
+    a worker, the CLI), as long as they share a Prefect server.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    name = "fkd-incremental-" + hashlib.sha256(out.rstrip("/").encode()).hexdigest()[:16]
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        except ObjectAlreadyExists:
+            pass
+    return concurrency(name, occupy=1, strict=True)
+
+
 @flow(name="annotate")
 def annotate(cfg: AnnotateConfig) -> dict:
     """List -> plan shards -> annotate each (locally or on Dask) -> ``runs/<id>.json`` and an artifact."""
+    if cfg.incremental:
+        with _one_incremental_run_at_a_time(cfg.out):
+            return _annotate(cfg)
+    return _annotate(cfg)
+
+
+def _annotate(cfg: AnnotateConfig) -> dict:
     log = get_run_logger()
     t0 = time.perf_counter()
     run_id = cfg.run_id or new_run_id()

@@ -33,7 +33,7 @@ def model_path() -> str:
 
     path = os.environ.get("FKD_TEST_MODEL", str(DEFAULT_MODEL))
     assert Path(path).is_file(), f"no checkpoint at {path}"
-    return path
+    return str(Path(path).resolve())
 
 
 def stop(proc: subprocess.Popen) -> None:
