@@ -88,7 +88,9 @@ def test_readme_downstream_queries_run_on_real_output(tmp_path, sample_dir):
     # the README's queries leave their answers in these names
     faces_per_image = ns["faces_per_image"]
     assert dict(zip(faces_per_image["name"], faces_per_image["n_faces"], strict=True)) == {
-        "the_beatles.jpg": 4, "obamas.jpg": 2, "mona_lisa.jpg": 1
+        "the_beatles.jpg": 4,
+        "obamas.jpg": 2,
+        "mona_lisa.jpg": 1,
     }
     errors = ns["errors"]
     assert list(errors["image_uri"].str.rsplit("/", n=1).str[-1]) == ["broken.jpg"] and errors["error"][0]

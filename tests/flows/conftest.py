@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import free_port
 
 BIN = Path(sys.executable).parent
+SECRET = "fkd-sentinel-secret-7f3a"  # moto accepts any credentials; the tests check this never leaks
 
 
 @pytest.fixture(scope="session", autouse=True)

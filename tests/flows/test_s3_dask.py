@@ -1,5 +1,6 @@
 """Buckets on a real local S3 (moto server) and scale-out on a real local Dask cluster."""
 
+import json
 import os
 
 import numpy as np
@@ -61,7 +62,7 @@ def _assert_same(a, b):
 
 
 @pytest.mark.s3
-def test_annotate_bucket_to_bucket_equals_the_local_run(tmp_path, s3fs_clean, sample_dir, model_path):
+def test_annotate_bucket_to_bucket_equals_the_local_run(tmp_path, s3fs_clean, sample_dir, model_path, caplog, capsys):
     names = _upload(s3fs_clean, "fkd-in", sample_dir)
     assert len(list_images("s3://fkd-in/in")) == 26
     s3_doc = annotate(
@@ -83,6 +84,12 @@ def test_annotate_bucket_to_bucket_equals_the_local_run(tmp_path, s3fs_clean, sa
     s3_rows, local_rows = _rows("s3://fkd-out/ann"), _rows(local)
     assert s3_rows[0]["broken.jpg"][0] == "error" and s3_rows[0]["photos/obamas.jpg"][1] == 2
     _assert_same(s3_rows, local_rows)
+    # credentials come from the standard AWS variables and appear nowhere in logs or run records
+    from tests.flows.conftest import SECRET
+
+    captured = capsys.readouterr()
+    record = s3fs_clean.cat_file("fkd-out/ann/runs/s3.json").decode()
+    assert SECRET not in caplog.text + captured.out + captured.err + record + json.dumps(s3_doc, default=str)
 
 
 @pytest.mark.s3

@@ -1,0 +1,55 @@
+import subprocess
+
+import pytest
+
+from flows.settings import FkdSettings, SettingsError, load_settings
+from tests.flows.conftest import BIN
+
+
+def test_env_overrides_toml_and_cli_overrides_env(tmp_path, monkeypatch):
+    toml = tmp_path / "fkd.toml"
+    toml.write_text('shard_size = 200\nworkers = 3\nnightly_source = "s3://b/in"\n')
+    monkeypatch.setenv("FKD_CONFIG", str(toml))
+    monkeypatch.setenv("FKD_WORKERS", "5")
+    s = load_settings()
+    assert (s.shard_size, s.workers, s.nightly_source) == (200, 5, "s3://b/in")
+    assert load_settings(workers=7, shard_size=None).workers == 7
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"FKD_SHARD_SIZE": "0"}, "shard_size (FKD_SHARD_SIZE): Input should be greater than or equal to 1"),
+        ({"FKD_WORKERS": "many"}, "workers (FKD_WORKERS): Input should be a valid integer"),
+        ({"FKD_CONFIG": "/nonexistent/fkd.toml"}, "FKD_CONFIG names '/nonexistent/fkd.toml', which does not exist"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_variable(monkeypatch, env, message):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SettingsError) as e:
+        load_settings()
+    assert message in str(e.value)
+
+
+def test_unknown_toml_key_is_refused_naming_the_file(tmp_path, monkeypatch):
+    toml = tmp_path / "x.toml"
+    toml.write_text("shard_sise = 3\n")
+    monkeypatch.setenv("FKD_CONFIG", str(toml))
+    with pytest.raises(SettingsError, match=r"x.toml: shard_sise .*Extra inputs are not permitted"):
+        load_settings()
+
+
+def test_cli_reports_bad_settings_without_a_traceback(tmp_path):
+    out = subprocess.run(
+        [str(BIN / "fkd"), "annotate", str(tmp_path), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "FKD_SHARD_SIZE": "-1", "HOME": str(tmp_path)},
+    )
+    assert out.returncode == 2
+    assert "FKD_SHARD_SIZE" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_settings_hold_no_credentials():
+    assert not any("secret" in f or "key" in f or "password" in f for f in FkdSettings.model_fields)

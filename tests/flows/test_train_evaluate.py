@@ -1,0 +1,69 @@
+import json
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from fkd_core.checkpoint import load_checkpoint
+from flows.evaluate import EvaluateConfig, evaluate
+from flows.ingest import IngestConfig, ingest
+from flows.train import TrainConfig, train
+
+pytestmark = pytest.mark.flows
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory, sample_dir, sample_csv):
+    out = tmp_path_factory.mktemp("ex")
+    ingest(IngestConfig(csv=str(sample_csv), images=str(sample_dir / "images"), out=str(out)))
+    return str(out / "examples")
+
+
+def test_train_writes_a_deterministic_checkpoint_with_its_record(tmp_path, examples):
+    cfg = dict(examples=examples, epochs=2, batch_size=16, seed=3, threads=1)
+    a = train(TrainConfig(out_dir=str(tmp_path / "a"), name="tiny", **cfg))
+    b = train(TrainConfig(out_dir=str(tmp_path / "b"), name="tiny", **cfg))
+    assert a["model_id"] == b["model_id"]  # same seed and data: byte-identical weights
+    doc = json.loads((tmp_path / "a" / "tiny.json").read_text())
+    assert doc["seed"] == 3 and doc["train"]["epochs_run"] == 2 == len(doc["history"]["epochs"])
+    assert doc["data"]["n_train"] + doc["data"]["n_val"] == 60 and len(doc["data"]["sha256"]) == 64
+    assert doc["model"] == {"input_size": 96, "num_keypoints": 68}
+    assert doc["crop_policy"]["scale"] > 1 and doc["dtype"] in ("float16", "float32")
+    assert all(np.isfinite(e["val_mse"]) for e in doc["history"]["epochs"])
+    png = cv2.imread(str(tmp_path / "a" / "tiny_loss.png"))
+    assert png is not None and png.shape[0] > 100
+    c = train(TrainConfig(out_dir=str(tmp_path / "c"), name="tiny", **{**cfg, "seed": 4}))
+    assert c["model_id"] != a["model_id"]
+    loaded = load_checkpoint(str(tmp_path / "a" / "tiny.safetensors"))
+    assert loaded.model_id == a["model_id"]
+
+
+def test_evaluate_scores_the_shipped_model_end_to_end(tmp_path, sample_dir, sample_csv, model_path):
+    doc = evaluate(
+        EvaluateConfig(
+            csv=str(sample_csv), images=str(sample_dir / "images"), out=str(tmp_path), model=model_path, worst=6
+        )
+    )
+    m = doc["metrics"]
+    assert m["faces"] == 60 and m["detection_rate"] > 0.9
+    # the shipped model is far better than a mean shape (about 0.15-0.2 on this data)
+    assert m["nme_mean"] < 0.12 and m["fr@0.10"] < 0.5
+    faces = pq.read_table(tmp_path / "faces.parquet")
+    assert faces.num_rows == 60
+    assert set(faces.column("status").to_pylist()) <= {"matched", "unmatched"}
+    matched = [n for n in faces.column("nme").to_pylist() if n is not None]
+    assert np.mean(matched) == pytest.approx(m["nme_mean"])
+    worst = cv2.imread(str(tmp_path / "worst.png"))
+    assert worst is not None and worst.shape[1] == 6 * 200
+    val = evaluate(
+        EvaluateConfig(
+            csv=str(sample_csv),
+            images=str(sample_dir / "images"),
+            out=str(tmp_path / "v"),
+            model=model_path,
+            split="val",
+            worst=0,
+        )
+    )
+    assert 0 < val["metrics"]["faces"] < 60 and val["split_by"] == "person"
