@@ -133,8 +133,14 @@ def _annotate(cfg: AnnotateConfig) -> dict:
     run_id = cfg.run_id or new_run_id()
     run_uri = join_uri(cfg.out, "runs", f"{run_id}.json")
     plan_uri = join_uri(cfg.out, "runs", f"{run_id}.plan.parquet")
+    model_id = _predictor(cfg.model)[1].model_id  # fail fast on a bad checkpoint, before anything is written
     previous = read_json(run_uri)
     if previous is not None and exists(plan_uri):
+        if previous.get("model_id", model_id) != model_id:
+            raise ValueError(
+                f"run {run_id} was started with model {previous['model_id']}; resume it with that checkpoint "
+                f"or start a new run id (this one is {model_id})"
+            )
         # A rerun of a run id keeps its original plan, so shards mean the same images as before.
         shards = load_plan(plan_uri)
         log.info("resuming run %s: %d shards planned", run_id, len(shards))
@@ -153,6 +159,7 @@ def _annotate(cfg: AnnotateConfig) -> dict:
                 "run_id": run_id,
                 "status": "running",
                 "config": cfg.model_dump(),
+                "model_id": model_id,
                 "skipped_existing": skipped,
                 "started_at": dt.datetime.now(dt.UTC).isoformat(),
             },
@@ -160,8 +167,6 @@ def _annotate(cfg: AnnotateConfig) -> dict:
         )
     pending = [i for i in range(len(shards)) if not exists(_images_part(cfg.out, run_id, i))]
     log.info("run %s: %d images in %d shards, %d to do", run_id, sum(map(len, shards)), len(shards), len(pending))
-    _predictor(cfg.model)  # fail fast on a bad checkpoint, before any task is submitted
-    model_id = _predictor(cfg.model)[1].model_id
     totals = ShardCounts()
     runner = _task_runner(cfg)
     bar = _progress(cfg.progress, sum(len(shards[i]) for i in pending))
@@ -204,6 +209,7 @@ def _annotate(cfg: AnnotateConfig) -> dict:
             "shards": len(shards),
             "shards_run_now": len(pending),
             "images_planned": sum(map(len, shards)),
+            "counts": run_counts(cfg.out, run_id),
             "counts_this_attempt": vars(totals) | {"seconds": round(totals.seconds, 2)},
             "seconds": round(seconds, 2),
             "images_per_second": round(totals.images / seconds, 2) if seconds else None,
@@ -228,6 +234,18 @@ def _annotate(cfg: AnnotateConfig) -> dict:
     )
     log.info("run %s done: %s", run_id, summary)
     return doc
+
+
+@task(retries=IO_RETRIES[0], retry_delay_seconds=IO_RETRIES[1])
+def run_counts(out: str, run_id: str) -> dict:
+    """Images per status and faces over the whole run (every attempt), from its finished ``images`` parts."""
+    import pyarrow.compute as pc
+
+    tbl = dataset(join_uri(out, "images", f"run_id={run_id}")).to_table(columns=["status", "n_faces"])
+    counts = {s: 0 for s in ("ok", "no_face", "error")}
+    for row in pc.value_counts(tbl.column("status")).to_pylist():
+        counts[row["values"]] = row["counts"]
+    return {"images": tbl.num_rows, **counts, "faces": int(pc.sum(tbl.column("n_faces")).as_py() or 0)}
 
 
 def _images_part(out: str, run_id: str, shard: int) -> str:

@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
@@ -76,7 +77,15 @@ def test_rerun_of_a_finished_run_does_nothing_and_incremental_skips_known_images
         (src / n).write_bytes((sample_dir / "images" / n).read_bytes())
     annotate(AnnotateConfig(source=str(src), out=str(out), model=model_path, shard_size=2, run_id="a"))
     again = annotate(AnnotateConfig(source=str(src), out=str(out), model=model_path, shard_size=2, run_id="a"))
-    assert again["shards_run_now"] == 0
+    assert again["shards_run_now"] == 0 and again["counts"]["images"] == 4
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(Path(model_path).read_bytes())
+    doc = json.loads(Path(model_path).with_suffix(".json").read_text())
+    doc["name"] = "other"
+    doc["model_id"] = "other-" + doc["weights_sha256"][:12]
+    other.with_suffix(".json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="was started with model"):
+        annotate(AnnotateConfig(source=str(src), out=str(out), model=str(other), shard_size=2, run_id="a"))
     for n in names[4:]:
         (src / n).write_bytes((sample_dir / "images" / n).read_bytes())
     inc = annotate(
@@ -112,6 +121,7 @@ def test_killed_run_resumes_without_duplicates_or_gaps(tmp_path, sample_dir, mod
     assert 3 <= done_before < 20
     doc = annotate(AnnotateConfig(source=src, out=str(out), model=model_path, shard_size=3, run_id="k"))
     assert doc["shards_run_now"] == 20 - done_before
+    assert doc["counts"]["images"] == 60 and doc["counts"]["faces"] >= 60
     images, faces = _tables(out)
     uris = images.column("image_uri").to_pylist()
     assert len(uris) == len(set(uris)) == 60
