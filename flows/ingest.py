@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 import fsspec
 import numpy as np
@@ -111,6 +112,10 @@ def ingest(cfg: IngestConfig) -> dict:
         "boxes_from_haar": written,
         "boxes_from_keypoints": from_keypoints,
         "box_mapping": mapping.to_dict(),
+        "crop_policy": asdict(settings.policy),
+        "detector": asdict(settings.detector),
+        "canonical_size": settings.canonical_size,
+        "canonical_margin": settings.canonical_margin,
         "split_by": cfg.split_by,
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,

@@ -61,6 +61,8 @@ def data_fingerprint(examples: str) -> dict:
     return {
         "examples": examples,
         "sha256": h.hexdigest(),
+        "crop_policy": report.get("crop_policy"),
+        "canonical_margin": report.get("canonical_margin"),
         "n_train": int(pc.sum(pc.equal(tbl.column("split"), "train")).as_py() or 0),
         "n_val": int(pc.sum(pc.equal(tbl.column("split"), "val")).as_py() or 0),
         "split": {k: report.get(k) for k in ("split_by", "val_fraction", "seed")},
@@ -87,7 +89,9 @@ def train(cfg: TrainConfig) -> dict:
         seed=cfg.seed,
         augment=AugmentConfig() if cfg.augment else AugmentConfig.none(),
     )
-    inner = inner_fraction(CANONICAL_MARGIN)
+    # The crops were cut by ingest with its crop policy: the checkpoint must carry that same policy.
+    policy = CropPolicy(**fingerprint["crop_policy"]) if fingerprint.get("crop_policy") else CropPolicy()
+    inner = inner_fraction(fingerprint.get("canonical_margin") or CANONICAL_MARGIN)
     progress = create_progress_artifact(progress=0.0, key="train-progress", description="epochs done / max epochs")
 
     def on_epoch(s: EpochStats) -> None:
@@ -146,23 +150,20 @@ def train(cfg: TrainConfig) -> dict:
         "history": history.to_dict(),
     }
     # float16 weights halve the checkpoint; keep them only if validation NME is unchanged to 1e-4.
-    model_id = save_checkpoint(model, weights, policy=CropPolicy(), detector=DetectorConfig(), meta=meta)
-    half = load_checkpoint(weights)
-    _, nme16 = evaluate_arrays(half.model, *val_xy, inner)
-    if np.isfinite(nme16) and abs(nme16 - best.val_nme) > 1e-4:
+    detector = DetectorConfig()
+    save_checkpoint(model, weights, policy=policy, detector=detector, meta=meta, dtype=torch.float16)
+    _, nme16 = evaluate_arrays(load_checkpoint(weights).model, *val_xy, inner)
+    keep16 = not np.isfinite(nme16) or abs(nme16 - best.val_nme) <= 1e-4
+    if not keep16:
         log.info("float16 changes val NME %.5f -> %.5f: storing float32", best.val_nme, nme16)
-        model_id = save_checkpoint(
-            model,
-            weights,
-            policy=CropPolicy(),
-            detector=DetectorConfig(),
-            meta={**meta, "float16_val_nme": nme16},
-            dtype=torch.float32,
-        )
-    else:
-        model_id = save_checkpoint(
-            model, weights, policy=CropPolicy(), detector=DetectorConfig(), meta={**meta, "float16_val_nme": nme16}
-        )
+    model_id = save_checkpoint(
+        model,
+        weights,
+        policy=policy,
+        detector=detector,
+        meta={**meta, "float16_val_nme": nme16},
+        dtype=torch.float16 if keep16 else torch.float32,
+    )
     png = loss_curve_png(
         [e.epoch for e in history.epochs],
         [e.train_mse for e in history.epochs],
