@@ -43,8 +43,13 @@ class _Image:
     nbytes: int = 0
     sha256: str | None = None
     boxes: list[Box] = field(default_factory=list)
-    crops: list[np.ndarray] = field(default_factory=list)
+    crops: list[np.ndarray] = field(default_factory=list)  # (S, S) uint8, until the model has run
     transforms: list[CropTransform] = field(default_factory=list)
+    keypoints: list[np.ndarray] = field(default_factory=list)  # (68, 2) original pixels, per box
+
+    def fail(self, reason: str) -> None:
+        self.status, self.error = "error", reason
+        self.boxes, self.crops, self.transforms = [], [], []
 
 
 @dataclass
@@ -76,9 +81,9 @@ def _prepare(uri: str, data: bytes | ImageError, predictor: Predictor, s: Annota
             img.crops.append(crop)
             img.transforms.append(t)
     except ImageError as e:
-        img.status, img.error = "error", str(e)
+        img.fail(str(e))
     except Exception as e:  # noqa: BLE001 - an unexpected failure on one file must not stop the batch
-        img.status, img.error = "error", f"internal error: {type(e).__name__}: {e}"
+        img.fail(f"internal error: {type(e).__name__}: {e}")
     else:
         img.status = "ok" if img.boxes else "no_face"
     return img
@@ -98,10 +103,11 @@ def annotate_images(uris: list[str], predictor: Predictor, s: AnnotateSettings =
         images += [f.result() for f in pending]
     crops = [c for im in images for c in im.crops]
     if crops:
-        pred = predictor.predict_crops(np.stack(crops))
+        pred = predictor.predict_crops(np.stack(crops))  # (N, 68, 2) crop pixels
         i = 0
         for im in images:
-            im.crops = [pred[i + j] for j in range(len(im.boxes))]  # now keypoints in crop pixels
+            im.keypoints = [t.to_image(p) for t, p in zip(im.transforms, pred[i : i + len(im.boxes)], strict=True)]
+            im.crops = []
             i += len(im.boxes)
     return images
 
@@ -124,8 +130,7 @@ def tables(images: list[_Image], model_id: str, created_at: dt.datetime) -> tupl
         }
     )
     faces = [(im, k) for im in images for k in range(len(im.boxes))]
-    kps = [im.transforms[k].to_image(im.crops[k]) for im, k in faces]
-    kp = np.asarray(kps, np.float32).reshape(-1, 68, 2)
+    kp = np.asarray([im.keypoints[k] for im, k in faces], np.float32).reshape(-1, 68, 2)
     face_tbl = pa.table(
         {
             "image_uri": pa.array([im.uri for im, _ in faces], pa.string()),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -35,3 +36,28 @@ def sample_dir() -> Path:
 @pytest.fixture(scope="session")
 def sample_csv() -> Path:
     return SAMPLE / "keypoints.csv"
+
+
+@pytest.fixture
+def corrupt_dir(tmp_path, sample_dir):
+    """Three good photos plus every kind of bad file the annotate flow must survive."""
+    d = tmp_path / "mixed"
+    d.mkdir()
+    for name in ("obamas.jpg", "mona_lisa.jpg"):
+        shutil.copy(sample_dir / "photos" / name, d / name)
+    shutil.copy(sample_dir / "images" / sorted(os.listdir(sample_dir / "images"))[0], d / "frame.jpg")
+    good = (sample_dir / "photos" / "obamas.jpg").read_bytes()
+    (d / "truncated.jpg").write_bytes(good[: len(good) // 50])
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "not_an_image.png").write_text("hello")
+    (d / "garbage.jpg").write_bytes(os.urandom(5000))
+    import numpy as np
+
+    from tests.core.test_image_io import _png_header_only
+
+    (d / "bomb.png").write_bytes(_png_header_only(60_000, 60_000))
+    blank = np.full((200, 300), 128, np.uint8)
+    import cv2
+
+    cv2.imwrite(str(d / "blank.png"), blank)
+    return d

@@ -1,0 +1,46 @@
+"""annotate's shard work without Prefect: statuses, tables, and keypoints that follow their faces."""
+
+import datetime as dt
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+
+from fkd_core.annotate import AnnotateSettings, annotate_images, run_shard, tables
+from fkd_core.geometry import CropPolicy
+from fkd_core.image_io import list_images
+from fkd_core.model import NaimishNet
+from fkd_core.parquet_io import FACES_SCHEMA, IMAGES_SCHEMA
+from fkd_core.predict import Predictor
+
+
+class _Centre(NaimishNet):
+    """A stand-in network that always answers the crop centre, so expected keypoints are known exactly."""
+
+    def forward(self, x):
+        return x.new_zeros(x.shape[0], 136)
+
+
+def test_shard_statuses_and_keypoints_in_original_pixels(corrupt_dir, tmp_path):
+    pred = Predictor(_Centre().eval(), CropPolicy(), backend="torch")
+    uris = list_images(str(corrupt_dir))
+    images = annotate_images(uris, pred, AnnotateSettings(max_pixels=20_000_000))
+    by_name = {im.uri.rsplit("/", 1)[-1]: im for im in images}
+    assert [im.uri for im in images] == uris
+    for bad in ("truncated.jpg", "empty.jpg", "not_an_image.png", "garbage.jpg", "bomb.png"):
+        im = by_name[bad]
+        assert im.status == "error" and im.error and im.boxes == [] and im.keypoints == []
+    assert by_name["blank.png"].status == "no_face"
+    obamas = by_name["obamas.jpg"]
+    h, w = cv2.imread(str(corrupt_dir / "obamas.jpg")).shape[:2]
+    assert obamas.status == "ok" and len(obamas.boxes) == 2 and (obamas.width, obamas.height) == (w, h)
+    for box, kp in zip(obamas.boxes, obamas.keypoints, strict=True):
+        # normalised (0, 0) is the centre of the crop square: box centre moved down by shift_y * h
+        assert np.allclose(kp, [box.cx, box.cy + CropPolicy().shift_y * box.h], atol=0.05)
+    img_tbl, face_tbl = tables(images, "m-000000000000", dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+    assert img_tbl.num_rows == len(uris) and face_tbl.num_rows == sum(len(im.boxes) for im in images)
+    counts = run_shard(uris, 7, str(tmp_path), "r", pred, "m-000000000000", AnnotateSettings(max_pixels=20_000_000))
+    assert (counts.images, counts.error, counts.no_face, counts.faces) == (len(uris), 5, 1, face_tbl.num_rows)
+    written = pq.read_table(tmp_path / "images" / "run_id=r" / "part-00007.parquet")
+    assert written.schema.equals(IMAGES_SCHEMA)
+    assert pq.read_table(tmp_path / "faces" / "run_id=r" / "part-00007.parquet").schema.equals(FACES_SCHEMA)
