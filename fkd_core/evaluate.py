@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 from fkd_core.detect import DetectorConfig, detect_faces, match_box
 from fkd_core.errors import ImageError
 from fkd_core.examples import LabelledRow
-from fkd_core.geometry import normalise
+from fkd_core.geometry import crop_transform, normalise, square_from_box
 from fkd_core.image_io import join_uri, read_gray
 from fkd_core.metrics import nme_per_face
 from fkd_core.parquet_io import keypoint_column
@@ -74,8 +74,8 @@ def evaluate_rows(
                 out.append(FaceResult(r, "unmatched", len(boxes)))
                 continue
             pred = faces[i].keypoints
-            _, t = predictor.crop(gray, boxes[i])
             size = predictor.size
+            t = crop_transform(square_from_box(boxes[i], predictor.policy), size)
             mse = float(np.mean((normalise(t.to_crop(pred), size) - normalise(t.to_crop(r.keypoints), size)) ** 2))
             nme = float(nme_per_face(pred[None], r.keypoints[None])[0])
             out.append(FaceResult(r, "matched", len(boxes), box=boxes[i], pred=pred, nme=nme, mse=mse))

@@ -23,7 +23,7 @@ class Predictor:
     """A model ready for fast CPU inference.
 
     ``backend="onnx"`` (the default) exports the network in-process to ONNX and runs it with ONNX Runtime,
-    about 2.5x the throughput of eager PyTorch on CPU with outputs equal to 1e-4 px
+    about 2.9x the throughput of eager PyTorch on 2 CPU cores with outputs equal to 4e-5 px
     (``benchmarks/bench_model.py``); ``backend="torch"`` runs eager PyTorch.
     """
 

@@ -68,3 +68,18 @@ def test_tampered_or_unknown_files_are_refused(tmp_path):
 def test_unknown_model_fields_are_refused():
     with pytest.raises(ValueError, match="unknown"):
         NaimishNetConfig.from_dict({"input_size": 96, "depth": 5})
+
+
+def test_onnx_runtime_path_equals_eager_torch():
+    import numpy as np
+
+    from fkd_core.predict import Predictor
+
+    model = NaimishNet().eval()
+    crops = np.random.default_rng(0).integers(0, 255, size=(70, 96, 96), dtype=np.uint8)  # > one batch of 64
+    fast = Predictor(model, CropPolicy(), backend="onnx").predict_crops(crops)
+    eager = Predictor(model, CropPolicy(), backend="torch").predict_crops(crops)
+    assert fast.shape == (70, 68, 2)
+    assert np.abs(fast - eager).max() < 1e-3
+    with pytest.raises(ValueError, match="backend"):
+        Predictor(model, CropPolicy(), backend="tensorrt")
