@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from functools import lru_cache
 from typing import TypeVar
+
+from fkd_core.checkpoint import LoadedModel, load_checkpoint
+from fkd_core.parquet_io import read_json
+from fkd_core.predict import Predictor
 
 T = TypeVar("T")
 
@@ -24,3 +29,19 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def cached_predictor(model: str) -> tuple[Predictor, LoadedModel]:
+    """One predictor per checkpoint and process (and per long-lived Dask worker), built on first use.
+
+    Keyed by the weights' sha256 from the checkpoint's JSON as well as the path, so a checkpoint retrained in
+    place is picked up instead of the stale cached one.
+    """
+    doc = read_json(model.removesuffix(".safetensors") + ".json") or {}
+    return _predictor(model, doc.get("weights_sha256"))
+
+
+@lru_cache(maxsize=4)
+def _predictor(model: str, weights_sha256: str | None) -> tuple[Predictor, LoadedModel]:
+    loaded = load_checkpoint(model)
+    return Predictor(loaded.model, loaded.policy), loaded

@@ -7,7 +7,6 @@ import hashlib
 import secrets
 import sys
 import time
-from functools import lru_cache
 
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
@@ -17,11 +16,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field
 
 from fkd_core.annotate import AnnotateSettings, ShardCounts, run_shard
-from fkd_core.checkpoint import DEFAULT_MODEL, LoadedModel, load_checkpoint
+from fkd_core.checkpoint import DEFAULT_MODEL
 from fkd_core.image_io import DEFAULT_MAX_PIXELS, join_uri, list_images
 from fkd_core.parquet_io import dataset, exists, read_json, write_json, write_table
-from fkd_core.predict import Predictor
-from flows._common import IO_RETRIES, chunks, markdown_table
+from flows._common import IO_RETRIES, cached_predictor, chunks, markdown_table
 
 PLAN_SCHEMA = pa.schema(
     [pa.field("shard", pa.int32(), nullable=False), pa.field("image_uri", pa.string(), nullable=False)]
@@ -49,13 +47,6 @@ class AnnotateConfig(BaseModel):
 
 def new_run_id() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
-
-
-@lru_cache(maxsize=4)
-def _predictor(model: str) -> tuple[Predictor, LoadedModel]:
-    """One predictor per process (and per Dask worker), built on first use."""
-    loaded = load_checkpoint(model)
-    return Predictor(loaded.model, loaded.policy), loaded
 
 
 @task(retries=IO_RETRIES[0], retry_delay_seconds=IO_RETRIES[1])
@@ -92,7 +83,7 @@ def load_plan(uri: str) -> list[list[str]]:
 @task(retries=IO_RETRIES[0], retry_delay_seconds=IO_RETRIES[1])
 def annotate_shard(uris: list[str], shard: int, out: str, run_id: str, model: str, max_pixels: int) -> ShardCounts:
     """Annotate one shard end to end and write its Parquet parts (idempotent: reruns overwrite the same parts)."""
-    predictor, loaded = _predictor(model)
+    predictor, loaded = cached_predictor(model)
     settings = AnnotateSettings(detector=loaded.detector, max_pixels=max_pixels)
     return run_shard(uris, shard, out, run_id, predictor, loaded.model_id, settings)
 
@@ -133,7 +124,7 @@ def _annotate(cfg: AnnotateConfig) -> dict:
     run_id = cfg.run_id or new_run_id()
     run_uri = join_uri(cfg.out, "runs", f"{run_id}.json")
     plan_uri = join_uri(cfg.out, "runs", f"{run_id}.plan.parquet")
-    model_id = _predictor(cfg.model)[1].model_id  # fail fast on a bad checkpoint, before anything is written
+    model_id = cached_predictor(cfg.model)[1].model_id  # fail fast on a bad checkpoint, before anything is written
     previous = read_json(run_uri)
     if previous is not None and exists(plan_uri):
         if previous.get("model_id", model_id) != model_id:

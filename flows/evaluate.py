@@ -16,8 +16,7 @@ from fkd_core.image_io import join_uri
 from fkd_core.metrics import summarise
 from fkd_core.parquet_io import write_json, write_table
 from fkd_core.plots import png_bytes
-from fkd_core.predict import Predictor
-from flows._common import IO_RETRIES, chunks, markdown_table
+from flows._common import IO_RETRIES, cached_predictor, chunks, markdown_table
 from flows.ingest import read_csv
 
 
@@ -41,8 +40,8 @@ class EvaluateConfig(BaseModel):
 
 @task(retries=IO_RETRIES[0], retry_delay_seconds=IO_RETRIES[1])
 def score_shard(rows: list[LabelledRow], images: str, model: str) -> list[FaceResult]:
-    loaded = load_checkpoint(model)
-    return evaluate_rows(rows, images, Predictor(loaded.model, loaded.policy), loaded.detector)
+    predictor, loaded = cached_predictor(model)
+    return evaluate_rows(rows, images, predictor, loaded.detector)
 
 
 @flow(name="evaluate")

@@ -139,7 +139,7 @@ def test_annotate_on_dask_equals_the_local_run(tmp_path, dask_cluster, sample_di
     from distributed import Client
 
     with Client(dask_cluster) as c:
-        logs = c.run(lambda: __import__("flows.annotate").annotate._predictor.cache_info().currsize)
+        logs = c.run(lambda: __import__("flows._common")._common._predictor.cache_info().currsize)
     assert sum(logs.values()) >= 1
 
 
