@@ -18,6 +18,18 @@ def _print(doc: dict) -> None:
     typer.echo(json.dumps(doc, indent=2, default=str))
 
 
+def _config(cls, **fields):
+    """Build a flow's config, turning validation errors into a message that names each field (exit 2)."""
+    from pydantic import ValidationError
+
+    try:
+        return cls(**fields)
+    except ValidationError as e:
+        for err in e.errors():
+            typer.echo(f"invalid {'.'.join(str(p) for p in err['loc'])}: {err['msg']}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def annotate(
     source: Annotated[str, typer.Argument(help="Image directory, s3:// prefix, any fsspec URL, or one image")],
@@ -35,7 +47,8 @@ def annotate(
 
     s = _settings(model=model, shard_size=shard_size, dask_address=dask_address, workers=workers)
     doc = flow(
-        AnnotateConfig(
+        _config(
+            AnnotateConfig,
             source=source,
             out=out,
             run_id=run_id,
@@ -89,7 +102,8 @@ def ingest(
     from flows.ingest import ingest as flow
 
     doc = flow(
-        IngestConfig(
+        _config(
+            IngestConfig,
             csv=csv,
             images=images,
             out=out,
@@ -111,6 +125,7 @@ def train(
     patience: int = 20,
     seed: int = 0,
     input_size: int = 96,
+    init: Annotated[str | None, typer.Option(help="Start from this checkpoint's weights")] = None,
 ) -> None:
     """Train NaimishNet and save <out-dir>/<name>.safetensors + .json + _loss.png."""
     from flows.train import TrainConfig
@@ -118,7 +133,8 @@ def train(
 
     _print(
         flow(
-            TrainConfig(
+            _config(
+                TrainConfig,
                 examples=examples,
                 name=name,
                 out_dir=out_dir,
@@ -126,6 +142,7 @@ def train(
                 patience=patience,
                 seed=seed,
                 input_size=input_size,
+                init=init,
             )
         )
     )
@@ -144,7 +161,7 @@ def evaluate(
     from flows.evaluate import EvaluateConfig
     from flows.evaluate import evaluate as flow
 
-    _print(flow(EvaluateConfig(csv=csv, images=images, out=out, model=model, split=split, split_by=split_by)))
+    _print(flow(_config(EvaluateConfig, csv=csv, images=images, out=out, model=model, split=split, split_by=split_by)))
 
 
 @app.command()

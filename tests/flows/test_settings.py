@@ -53,3 +53,12 @@ def test_cli_reports_bad_settings_without_a_traceback(tmp_path):
 
 def test_settings_hold_no_credentials():
     assert not any("secret" in f or "key" in f or "password" in f for f in FkdSettings.model_fields)
+
+
+def test_cli_reports_an_invalid_flow_config_naming_the_field(tmp_path):
+    out = subprocess.run(
+        [str(BIN / "fkd"), "ingest", "a.csv", "imgs", str(tmp_path), "--split-by", "random"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "invalid split_by" in out.stderr and "Traceback" not in out.stderr
