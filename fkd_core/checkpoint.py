@@ -31,7 +31,8 @@ class LoadedModel:
     meta: dict = field(default_factory=dict)
 
 
-def _json_uri(weights_uri: str) -> str:
+def config_uri(weights_uri: str) -> str:
+    """The JSON beside a ``.safetensors`` checkpoint."""
     if not weights_uri.endswith(".safetensors"):
         raise CheckpointError(f"weights must be a .safetensors file, got {weights_uri!r}")
     return weights_uri[: -len(".safetensors")] + ".json"
@@ -51,7 +52,7 @@ def save_checkpoint(
     blob = st_save(tensors, metadata={"format": FORMAT})
     digest = hashlib.sha256(blob).hexdigest()
     name = weights_uri.rsplit("/", 1)[-1][: -len(".safetensors")]
-    fs, path = fsspec.core.url_to_fs(_json_uri(weights_uri))
+    fs, path = fsspec.core.url_to_fs(config_uri(weights_uri))
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fsspec.open(weights_uri, "wb") as f:
         f.write(blob)
@@ -69,16 +70,16 @@ def save_checkpoint(
         "detector": detector_d,
         **meta,
     }
-    write_json(doc, _json_uri(weights_uri))
+    write_json(doc, config_uri(weights_uri))
     return doc["model_id"]
 
 
 def load_checkpoint(weights_uri: str | Path = DEFAULT_MODEL) -> LoadedModel:
     """Rebuild a model from its checkpoint; refuses anything but safetensors and any config mismatch."""
     weights_uri = str(weights_uri)
-    doc = read_json(_json_uri(weights_uri))
+    doc = read_json(config_uri(weights_uri))
     if doc is None:
-        raise CheckpointError(f"checkpoint config not found: {_json_uri(weights_uri)}")
+        raise CheckpointError(f"checkpoint config not found: {config_uri(weights_uri)}")
     if doc.get("format") != FORMAT:
         raise CheckpointError(f"{weights_uri}: unknown checkpoint format {doc.get('format')!r}, expected {FORMAT!r}")
     try:
@@ -92,8 +93,9 @@ def load_checkpoint(weights_uri: str | Path = DEFAULT_MODEL) -> LoadedModel:
         cfg = NaimishNetConfig.from_dict(doc["model"])
         policy = CropPolicy(**doc["crop_policy"])
         det = dict(doc["detector"])
-        det["cascade"] = str(Path(det.get("cascade") or DetectorConfig().cascade).name)
-        det["cascade"] = str(Path(DetectorConfig().cascade).parent / det["cascade"])
+        # stored by file name (see save_checkpoint): resolve it next to the default cascade
+        default = Path(DetectorConfig().cascade)
+        det["cascade"] = str(default.parent / Path(det.get("cascade") or default.name).name)
         detector = DetectorConfig(**det)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{weights_uri}: invalid checkpoint config: {e}") from e

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from typing import TypeVar
 
-from fkd_core.checkpoint import LoadedModel, load_checkpoint
+from fkd_core.checkpoint import LoadedModel, config_uri, load_checkpoint
 from fkd_core.parquet_io import read_json
 from fkd_core.predict import Predictor
 
@@ -37,7 +37,7 @@ def cached_predictor(model: str) -> tuple[Predictor, LoadedModel]:
     Keyed by the weights' sha256 from the checkpoint's JSON as well as the path, so a checkpoint retrained in
     place is picked up instead of the stale cached one.
     """
-    doc = read_json(model.removesuffix(".safetensors") + ".json") or {}
+    doc = read_json(config_uri(model)) or {}
     return _predictor(model, doc.get("weights_sha256"))
 
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fkd_core.annotate import AnnotateSettings, ShardCounts, run_shard
 from fkd_core.checkpoint import DEFAULT_MODEL
 from fkd_core.image_io import DEFAULT_MAX_PIXELS, join_uri, list_images
-from fkd_core.parquet_io import dataset, exists, read_json, write_json, write_table
+from fkd_core.parquet_io import dataset, exists, part_uri, read_json, write_json, write_table
 from flows._common import IO_RETRIES, cached_predictor, chunks, markdown_table
 
 PLAN_SCHEMA = pa.schema(
@@ -156,7 +156,7 @@ def _annotate(cfg: AnnotateConfig) -> dict:
             },
             run_uri,
         )
-    pending = [i for i in range(len(shards)) if not exists(_images_part(cfg.out, run_id, i))]
+    pending = [i for i in range(len(shards)) if not exists(part_uri(cfg.out, "images", run_id, i))]
     log.info("run %s: %d images in %d shards, %d to do", run_id, sum(map(len, shards)), len(shards), len(pending))
     totals = ShardCounts()
     runner = _task_runner(cfg)
@@ -237,12 +237,6 @@ def run_counts(out: str, run_id: str) -> dict:
     for row in pc.value_counts(tbl.column("status")).to_pylist():
         counts[row["values"]] = row["counts"]
     return {"images": tbl.num_rows, **counts, "faces": int(pc.sum(tbl.column("n_faces")).as_py() or 0)}
-
-
-def _images_part(out: str, run_id: str, shard: int) -> str:
-    from fkd_core.parquet_io import part_uri
-
-    return part_uri(out, "images", run_id, shard)
 
 
 def _task_runner(cfg: AnnotateConfig):
