@@ -1,4 +1,6 @@
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -62,3 +64,18 @@ def test_cli_reports_an_invalid_flow_config_naming_the_field(tmp_path):
         text=True,
     )
     assert out.returncode == 2 and "invalid split_by" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("user_value,expected", [(None, "300"), ("7", "7")])
+def test_cli_waits_long_enough_for_the_ephemeral_prefect_server(user_value, expected):
+    """A fresh PREFECT_HOME needs longer than Prefect's default 20 s to migrate its database on a busy CI box."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    if user_value is not None:
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = user_value
+    code = (
+        "import flows.cli\n"
+        "from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as s\n"
+        "print(s.value())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
