@@ -125,6 +125,11 @@ def train(
     patience: int = 20,
     seed: int = 0,
     input_size: int = 96,
+    lr: float = 1e-3,
+    schedule: Annotated[str, typer.Option(help="plateau or cosine")] = "plateau",
+    min_lr: float = 1e-5,
+    ema_decay: Annotated[float, typer.Option(help="> 0: keep an exponential moving average of the weights")] = 0.0,
+    flip: Annotated[float, typer.Option(help="Probability of a horizontal flip in augmentation")] = 0.5,
     init: Annotated[str | None, typer.Option(help="Start from this checkpoint's weights")] = None,
 ) -> None:
     """Train NaimishNet and save <out-dir>/<name>.safetensors + .json + _loss.png."""
@@ -142,6 +147,11 @@ def train(
                 patience=patience,
                 seed=seed,
                 input_size=input_size,
+                lr=lr,
+                schedule=schedule,
+                min_lr=min_lr,
+                ema_decay=ema_decay,
+                flip=flip,
                 init=init,
             )
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from typing import Literal
 
 import fsspec
 import numpy as np
@@ -36,7 +37,16 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(32, ge=1, le=4096)
     patience: int = Field(20, ge=1, description="Early stopping: epochs without a better validation NME")
     seed: int = Field(0, description="Seed: same seed and data give the same weights")
+    lr: float = Field(1e-3, gt=0, le=1, description="Adam's initial learning rate (the paper's 0.001)")
+    schedule: Literal["plateau", "cosine"] = Field(
+        "plateau", description="plateau: halve the rate when validation stalls; cosine: decay it to min_lr"
+    )
+    min_lr: float = Field(1e-5, ge=0, description="Lowest learning rate of either schedule")
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1, description="> 0: validate and keep an exponential moving average of the weights"
+    )
     augment: bool = Field(True, description="Box jitter, scale, rotation, flip and brightness augmentation")
+    flip: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip (with augment)")
     max_train: int | None = Field(None, ge=1, description="Use only the first N training examples (smoke runs)")
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: all cores)")
     init: str | None = Field(None, description="Start from this checkpoint's weights (fine-tuning, continuing)")
@@ -87,7 +97,11 @@ def train(cfg: TrainConfig) -> dict:
         batch_size=cfg.batch_size,
         patience=cfg.patience,
         seed=cfg.seed,
-        augment=AugmentConfig() if cfg.augment else AugmentConfig.none(),
+        lr=cfg.lr,
+        schedule=cfg.schedule,
+        min_lr=cfg.min_lr,
+        ema_decay=cfg.ema_decay,
+        augment=AugmentConfig(flip=cfg.flip) if cfg.augment else AugmentConfig.none(),
     )
     # The crops were cut by ingest with its crop policy: the checkpoint must carry that same policy.
     policy = CropPolicy(**fingerprint["crop_policy"]) if fingerprint.get("crop_policy") else CropPolicy()

@@ -1,9 +1,10 @@
 import numpy as np
+import pytest
 import torch
 
 from fkd_core.augment import AugmentConfig, sample_batch
 from fkd_core.geometry import denormalise
-from fkd_core.train import TrainParams, fit
+from fkd_core.train import TrainParams, evaluate_arrays, fit
 
 
 def _toy(n=24, seed=0):
@@ -56,3 +57,37 @@ def test_fit_is_deterministic_and_learns():
     assert [e.train_mse for e in h1.epochs] == [e.train_mse for e in h2.epochs]
     assert h1.epochs[-1].train_mse < h1.epochs[0].train_mse
     assert h1.best_epoch == min(h1.epochs, key=lambda e: e.val_nme).epoch
+
+
+def test_ema_scores_and_returns_the_averaged_weights():
+    crops, kp = _toy()
+    val = (crops[:8], kp[:8])
+    torch.set_num_threads(1)
+    base = dict(epochs=2, batch_size=8, patience=5, seed=3)
+    m_raw, h_raw = fit((crops, kp), val, params=TrainParams(**base), inner=1 / 1.5)
+    m_ema, h_ema = fit((crops, kp), val, params=TrainParams(**base, ema_decay=0.5), inner=1 / 1.5)
+    # averaging never touches the optimiser's trajectory ...
+    assert [e.train_mse for e in h_ema.epochs] == [e.train_mse for e in h_raw.epochs]
+    # ... but what is validated and returned is the average, not the last step's weights
+    pairs = zip(m_raw.state_dict().values(), m_ema.state_dict().values(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in pairs)
+    _, nme = evaluate_arrays(m_ema, *val, 1 / 1.5)
+    assert abs(nme - h_ema.best.val_nme) < 1e-6
+    # with a vanishing decay the average is the current weights
+    m_0, _ = fit((crops, kp), val, params=TrainParams(**base, ema_decay=1e-12), inner=1 / 1.5)
+    for a, b in zip(m_raw.state_dict().values(), m_0.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_cosine_schedule_decays_to_min_lr_and_bad_values_are_refused():
+    crops, kp = _toy(16)
+    torch.set_num_threads(1)
+    params = TrainParams(epochs=3, batch_size=8, patience=5, schedule="cosine", min_lr=1e-5)
+    _, h = fit((crops, kp), (crops[:4], kp[:4]), params=params, inner=1 / 1.5)
+    lrs = [e.lr for e in h.epochs]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < 1e-3
+    assert abs(lrs[-1] - 1e-5) < 1e-9
+    with pytest.raises(ValueError, match="schedule must be"):
+        fit((crops, kp), (crops[:4], kp[:4]), params=TrainParams(schedule="step"), inner=1 / 1.5)
+    with pytest.raises(ValueError, match="ema_decay must be"):
+        fit((crops, kp), (crops[:4], kp[:4]), params=TrainParams(ema_decay=1.0), inner=1 / 1.5)
