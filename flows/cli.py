@@ -126,10 +126,10 @@ def train(
     seed: int = 0,
     input_size: int = 96,
     lr: float = 1e-3,
-    schedule: Annotated[str, typer.Option(help="plateau or cosine")] = "plateau",
-    min_lr: float = 1e-5,
-    ema_decay: Annotated[float, typer.Option(help="> 0: keep an exponential moving average of the weights")] = 0.0,
-    flip: Annotated[float, typer.Option(help="Probability of a horizontal flip in augmentation")] = 0.5,
+    schedule: Annotated[str, typer.Option(help="cosine or plateau")] = "cosine",
+    min_lr: float = 1e-6,
+    ema_decay: Annotated[float, typer.Option(help="> 0: keep an exponential moving average of the weights")] = 0.998,
+    flip: Annotated[float, typer.Option(help="Probability of a horizontal flip in augmentation")] = 0.0,
     init: Annotated[str | None, typer.Option(help="Start from this checkpoint's weights")] = None,
 ) -> None:
     """Train NaimishNet and save <out-dir>/<name>.safetensors + .json + _loss.png."""

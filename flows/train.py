@@ -39,14 +39,17 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, description="Seed: same seed and data give the same weights")
     lr: float = Field(1e-3, gt=0, le=1, description="Adam's initial learning rate (the paper's 0.001)")
     schedule: Literal["plateau", "cosine"] = Field(
-        "plateau", description="plateau: halve the rate when validation stalls; cosine: decay it to min_lr"
+        "cosine", description="cosine: decay the rate to min_lr over `epochs`; plateau: halve it when validation stalls"
     )
-    min_lr: float = Field(1e-5, ge=0, description="Lowest learning rate of either schedule")
+    min_lr: float = Field(1e-6, ge=0, description="Lowest learning rate of either schedule")
+    # Measured (README "The model"): averaging smooths the +-0.01 epoch-to-epoch swing of validation NME.
     ema_decay: float = Field(
-        0.0, ge=0, lt=1, description="> 0: validate and keep an exponential moving average of the weights"
+        0.998, ge=0, lt=1, description="> 0: validate and keep an exponential moving average of the weights"
     )
     augment: bool = Field(True, description="Box jitter, scale, rotation, flip and brightness augmentation")
-    flip: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip (with augment)")
+    # Measured: this data set's labels are not mirror-symmetric (the mean shape and its mirror differ by NME
+    # 0.077), and training with flips cost 0.006 validation NME against the same run without (README).
+    flip: float = Field(0.0, ge=0, le=1, description="Probability of a horizontal flip (with augment)")
     max_train: int | None = Field(None, ge=1, description="Use only the first N training examples (smoke runs)")
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: all cores)")
     init: str | None = Field(None, description="Start from this checkpoint's weights (fine-tuning, continuing)")

@@ -29,6 +29,13 @@ def test_train_writes_a_deterministic_checkpoint_with_its_record(tmp_path, examp
     assert doc["seed"] == 3 and doc["train"]["epochs_run"] == 2 == len(doc["history"]["epochs"])
     assert doc["data"]["n_train"] + doc["data"]["n_val"] == 60 and len(doc["data"]["sha256"]) == 64
     assert doc["model"] == {"input_size": 96, "num_keypoints": 68}
+    # the recipe is recorded with the weights
+    assert {k: doc["train"][k] for k in ("schedule", "ema_decay", "flip", "lr")} == {
+        "schedule": "cosine",
+        "ema_decay": 0.998,
+        "flip": 0.0,
+        "lr": 1e-3,
+    }
     assert doc["crop_policy"]["scale"] > 1 and doc["dtype"] in ("float16", "float32")
     assert all(np.isfinite(e["val_mse"]) for e in doc["history"]["epochs"])
     png = cv2.imread(str(tmp_path / "a" / "tiny_loss.png"))
