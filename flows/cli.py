@@ -130,6 +130,9 @@ def train(
     min_lr: float = 1e-6,
     ema_decay: Annotated[float, typer.Option(help="> 0: keep an exponential moving average of the weights")] = 0.998,
     flip: Annotated[float, typer.Option(help="Probability of a horizontal flip in augmentation")] = 0.0,
+    shift: Annotated[float, typer.Option(help="Box jitter: centre shift as a fraction of the side")] = 0.0,
+    scale: Annotated[float, typer.Option(help="Box jitter: side x U(1 - scale, 1 + scale)")] = 0.0,
+    rotate: Annotated[float, typer.Option(help="Rotation augmentation, +- degrees")] = 0.0,
     init: Annotated[str | None, typer.Option(help="Start from this checkpoint's weights")] = None,
 ) -> None:
     """Train NaimishNet and save <out-dir>/<name>.safetensors + .json + _loss.png."""
@@ -152,6 +155,9 @@ def train(
                 min_lr=min_lr,
                 ema_decay=ema_decay,
                 flip=flip,
+                shift=shift,
+                scale=scale,
+                rotate=rotate,
                 init=init,
             )
         )

@@ -79,3 +79,27 @@ def test_cli_waits_long_enough_for_the_ephemeral_prefect_server(user_value, expe
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+@pytest.mark.parametrize(
+    "command,config",
+    [
+        ("train", "flows.train:TrainConfig"),
+        ("evaluate", "flows.evaluate:EvaluateConfig"),
+        ("ingest", "flows.ingest:IngestConfig"),
+    ],
+)
+def test_cli_defaults_are_the_flow_config_defaults(command, config):
+    """The CLI spells out each option's default; it must not drift from the flow's validated config."""
+    import importlib
+    import inspect
+
+    import flows.cli
+
+    module, cls = config.split(":")
+    fields = getattr(importlib.import_module(module), cls).model_fields
+    params = inspect.signature(getattr(flows.cli, command)).parameters
+    shared = [n for n, p in params.items() if n in fields and p.default is not inspect.Parameter.empty]
+    assert shared, "no option shares a name with the config"
+    for name in shared:
+        assert params[name].default == fields[name].default, name

@@ -30,12 +30,10 @@ def test_train_writes_a_deterministic_checkpoint_with_its_record(tmp_path, examp
     assert doc["data"]["n_train"] + doc["data"]["n_val"] == 60 and len(doc["data"]["sha256"]) == 64
     assert doc["model"] == {"input_size": 96, "num_keypoints": 68}
     # the recipe is recorded with the weights
-    assert {k: doc["train"][k] for k in ("schedule", "ema_decay", "flip", "lr")} == {
-        "schedule": "cosine",
-        "ema_decay": 0.998,
-        "flip": 0.0,
-        "lr": 1e-3,
-    }
+    recipe = ("schedule", "ema_decay", "flip", "shift", "scale", "rotate", "lr")
+    assert {k: doc["train"][k] for k in recipe} == dict(
+        zip(recipe, ("cosine", 0.998, 0.0, 0.0, 0.0, 0.0, 1e-3), strict=True)
+    )
     assert doc["crop_policy"]["scale"] > 1 and doc["dtype"] in ("float16", "float32")
     assert all(np.isfinite(e["val_mse"]) for e in doc["history"]["epochs"])
     png = cv2.imread(str(tmp_path / "a" / "tiny_loss.png"))
