@@ -1,4 +1,5 @@
-"""Model speed: training seconds per epoch, and inference faces/s for eager torch vs ONNX Runtime (shipped).
+"""Model speed: training seconds per epoch, inference faces/s for eager torch vs ONNX Runtime (shipped), and
+the cost of the refining second stage (faces/s of the whole per-face path, one stage vs two).
 
     python benchmarks/bench_model.py [--examples OUT/examples] [--model saved_models/naimishnet.safetensors]
 
@@ -55,12 +56,40 @@ def faces_per_second(pred: Predictor, crops: np.ndarray, repeat: int = 3) -> flo
     return repeat * len(crops) / (time.perf_counter() - t0)
 
 
+def stages_per_second(loaded, images: str, n: int, repeat: int = 3) -> dict:
+    """Faces/s of ``Predictor.predict_boxes`` (crops, model(s), mapping back; boxes detected beforehand) on real
+    frames, first stage alone vs first + refining stage, both on ONNX Runtime."""
+    from pathlib import Path
+
+    from fkd_core.detect import detect_faces
+    from fkd_core.image_io import read_gray
+
+    paths = sorted(Path(images).glob("*.jpg"))[:n]
+    grays = [read_gray(str(p)).gray for p in paths]
+    boxes = [detect_faces(g, loaded.detector) for g in grays]
+    faces = sum(len(b) for b in boxes)
+    one = Predictor(loaded.model, loaded.policy)
+    two = Predictor(loaded.model, loaded.policy, refine=loaded.refine, align=loaded.align)
+    out = {"frames": len(grays), "faces": faces}
+    for name, pred in (("first_stage", one), ("two_stage", two)):
+        pred.predict_boxes(grays[0], boxes[0])
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            for g, b in zip(grays, boxes, strict=True):
+                pred.predict_boxes(g, b)
+        out[f"{name}_faces_per_s"] = round(repeat * faces / (time.perf_counter() - t0), 1)
+    out["two_stage_cost"] = round(out["first_stage_faces_per_s"] / out["two_stage_faces_per_s"], 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--n-train", type=int, default=2916, help="examples per epoch (the person-grouped train split)")
     ap.add_argument("--faces", type=int, default=512)
     ap.add_argument("--skip-224", action="store_true")
+    ap.add_argument("--images", default="../shared/data/facial-keypoints/training", help="real frames (two-stage)")
+    ap.add_argument("--frames", type=int, default=300)
     args = ap.parse_args()
     loaded = load_checkpoint(args.model)
     rng = np.random.default_rng(1)
@@ -82,6 +111,8 @@ def main() -> None:
             "S96_channels_last": round(train_epoch_seconds(96, args.n_train, True), 1),
         },
     }
+    if loaded.refine is not None:
+        out["predict_boxes"] = stages_per_second(loaded, args.images, args.frames)
     if not args.skip_224:
         out["train_seconds_per_epoch"]["S224_channels_last"] = round(train_epoch_seconds(224, args.n_train, True), 1)
         big = NaimishNet(NaimishNetConfig(input_size=224)).eval()

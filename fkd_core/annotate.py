@@ -45,11 +45,14 @@ class _Image:
     boxes: list[Box] = field(default_factory=list)
     crops: list[np.ndarray] = field(default_factory=list)  # (S, S) uint8, until the model has run
     transforms: list[CropTransform] = field(default_factory=list)
+    # canonical crops around the boxes for a refining second stage (Predictor.context), until it has run
+    contexts: list[np.ndarray] = field(default_factory=list)
+    context_transforms: list[CropTransform] = field(default_factory=list)
     keypoints: list[np.ndarray] = field(default_factory=list)  # (68, 2) original pixels, per box
 
     def fail(self, reason: str) -> None:
         self.status, self.error = "error", reason
-        self.boxes, self.crops, self.transforms = [], [], []
+        self.boxes, self.crops, self.transforms, self.contexts, self.context_transforms = [], [], [], [], []
 
 
 @dataclass
@@ -80,6 +83,10 @@ def _prepare(uri: str, data: bytes | ImageError, predictor: Predictor, s: Annota
             crop, t = predictor.crop(decoded.gray, b)
             img.crops.append(crop)
             img.transforms.append(t)
+            if predictor.refines:
+                ctx, ct = predictor.context(decoded.gray, b)
+                img.contexts.append(ctx)
+                img.context_transforms.append(ct)
     except ImageError as e:
         img.fail(str(e))
     except Exception as e:  # noqa: BLE001 - an unexpected failure on one file must not stop the batch
@@ -104,10 +111,14 @@ def annotate_images(uris: list[str], predictor: Predictor, s: AnnotateSettings =
     crops = [c for im in images for c in im.crops]
     if crops:
         pred = predictor.predict_crops(np.stack(crops))  # (N, 68, 2) crop pixels
+        kps = np.stack([t.to_image(p) for t, p in zip((t for im in images for t in im.transforms), pred, strict=True)])
+        if predictor.refines:
+            contexts = np.stack([c for im in images for c in im.contexts])
+            kps = predictor.refine_keypoints(contexts, [t for im in images for t in im.context_transforms], kps)
         i = 0
         for im in images:
-            im.keypoints = [t.to_image(p) for t, p in zip(im.transforms, pred[i : i + len(im.boxes)], strict=True)]
-            im.crops = []
+            im.keypoints = list(kps[i : i + len(im.boxes)])
+            im.crops, im.contexts = [], []
             i += len(im.boxes)
     return images
 

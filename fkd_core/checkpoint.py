@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from fkd_core.align import AlignPolicy
 from fkd_core.detect import DetectorConfig
 from fkd_core.errors import CheckpointError
 from fkd_core.geometry import CropPolicy
@@ -18,6 +19,7 @@ from fkd_core.model import NaimishNet, NaimishNetConfig
 from fkd_core.parquet_io import read_json, write_json
 
 FORMAT = "fkd-naimishnet/1"
+REFINE_PREFIX = "refine."  # tensor names of the optional second (refining) stage in the same file
 SAVED_MODELS = Path(__file__).resolve().parent.parent / "saved_models"
 DEFAULT_MODEL = SAVED_MODELS / "naimishnet.safetensors"
 
@@ -29,6 +31,8 @@ class LoadedModel:
     detector: DetectorConfig
     model_id: str  # "<name>-<first 12 hex of the weights' sha256>"
     meta: dict = field(default_factory=dict)
+    refine: NaimishNet | None = None  # second stage on crops aligned to the first stage's keypoints
+    align: AlignPolicy | None = None  # how those crops are made (set with ``refine``)
 
 
 def config_uri(weights_uri: str) -> str:
@@ -46,9 +50,19 @@ def save_checkpoint(
     detector: DetectorConfig,
     meta: dict,
     dtype: torch.dtype = torch.float16,
+    refine: NaimishNet | None = None,
+    align: AlignPolicy | None = None,
 ) -> str:
-    """Write ``<name>.safetensors`` and ``<name>.json``; returns the model id."""
+    """Write ``<name>.safetensors`` and ``<name>.json``; returns the model id.
+
+    With ``refine`` (and its ``align`` policy) the file also holds a second stage, its tensors named
+    ``refine.<name>``; the sha256, and so the model id, covers both stages.
+    """
+    if (refine is None) != (align is None):
+        raise ValueError("a refining stage needs its align policy, and an align policy needs the stage")
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    if refine is not None:
+        tensors |= {REFINE_PREFIX + k: v.detach().to(dtype).contiguous() for k, v in refine.state_dict().items()}
     blob = st_save(tensors, metadata={"format": FORMAT})
     digest = hashlib.sha256(blob).hexdigest()
     name = weights_uri.rsplit("/", 1)[-1][: -len(".safetensors")]
@@ -70,6 +84,8 @@ def save_checkpoint(
         "detector": detector_d,
         **meta,
     }
+    if refine is not None:
+        doc["refine"] = {"model": refine.cfg.to_dict(), "align": align.to_dict()}
     write_json(doc, config_uri(weights_uri))
     return doc["model_id"]
 
@@ -91,6 +107,9 @@ def load_checkpoint(weights_uri: str | Path = DEFAULT_MODEL) -> LoadedModel:
         raise CheckpointError(f"{weights_uri}: weights sha256 {digest[:12]} does not match the config's")
     try:
         cfg = NaimishNetConfig.from_dict(doc["model"])
+        refine_doc = doc.get("refine")
+        refine_cfg = NaimishNetConfig.from_dict(refine_doc["model"]) if refine_doc else None
+        align = AlignPolicy(**refine_doc["align"]) if refine_doc else None
         policy = CropPolicy(**doc["crop_policy"])
         det = dict(doc["detector"])
         # stored by file name (see save_checkpoint): resolve it next to the default cascade
@@ -104,18 +123,27 @@ def load_checkpoint(weights_uri: str | Path = DEFAULT_MODEL) -> LoadedModel:
     except Exception as e:
         raise CheckpointError(f"{weights_uri}: not a valid safetensors file: {e}") from e
     model = NaimishNet(cfg)
-    expected = model.state_dict()
+    refine = NaimishNet(refine_cfg) if refine_cfg else None
+    expected = {k: (v, cfg) for k, v in model.state_dict().items()}
+    if refine is not None:
+        expected |= {REFINE_PREFIX + k: (v, refine_cfg) for k, v in refine.state_dict().items()}
     if set(tensors) != set(expected):
         raise CheckpointError(
             f"{weights_uri}: weight names differ from NaimishNet: missing {sorted(set(expected) - set(tensors))}, "
             f"unexpected {sorted(set(tensors) - set(expected))}"
         )
     for k, v in tensors.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
+        want, want_cfg = expected[k]
+        if tuple(v.shape) != tuple(want.shape):
             raise CheckpointError(
                 f"{weights_uri}: weight {k!r} has shape {tuple(v.shape)} but the config "
-                f"(input_size={cfg.input_size}) needs {tuple(expected[k].shape)}"
+                f"(input_size={want_cfg.input_size}) needs {tuple(want.shape)}"
             )
-    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    model.load_state_dict({k: v.float() for k, v in tensors.items() if not k.startswith(REFINE_PREFIX)})
     model.eval()
-    return LoadedModel(model, policy, detector, doc.get("model_id", f"{doc.get('name')}-{digest[:12]}"), doc)
+    if refine is not None:
+        n = len(REFINE_PREFIX)
+        refine.load_state_dict({k[n:]: v.float() for k, v in tensors.items() if k.startswith(REFINE_PREFIX)})
+        refine.eval()
+    model_id = doc.get("model_id", f"{doc.get('name')}-{digest[:12]}")
+    return LoadedModel(model, policy, detector, model_id, doc, refine, align)

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fkd_core import align as al
 from fkd_core.detect import DetectorConfig, detect_faces
+from fkd_core.examples import canonical_square
 from fkd_core.geometry import CropPolicy, CropTransform, crop_square, denormalise, square_from_box
 from fkd_core.model import NaimishNet
 from fkd_core.types import Box
@@ -25,41 +27,71 @@ class Predictor:
     ``backend="onnx"`` (the default) exports the network in-process to ONNX and runs it with ONNX Runtime,
     about 2.9x the throughput of eager PyTorch on 2 CPU cores with outputs equal to 4e-5 px
     (``benchmarks/bench_model.py``); ``backend="torch"`` runs eager PyTorch.
+
+    With ``refine`` (a second NaimishNet) and its ``align`` policy, each face's first-stage keypoints give a
+    crop aligned to the face (centre, size, eye-line angle; ``fkd_core.align``), cut from the same canonical
+    crop around the Haar box that training cut it from, and the second stage's keypoints are the answer (after
+    ``align.passes`` passes, each aligned by the last one's keypoints).
     """
 
-    def __init__(self, model: NaimishNet, policy: CropPolicy, backend: str = "onnx", batch_size: int = 64):
+    def __init__(
+        self,
+        model: NaimishNet,
+        policy: CropPolicy,
+        backend: str = "onnx",
+        batch_size: int = 64,
+        refine: NaimishNet | None = None,
+        align: al.AlignPolicy | None = None,
+    ):
         if backend not in ("onnx", "torch"):
             raise ValueError(f"backend must be 'onnx' or 'torch', got {backend!r}")
+        if (refine is None) != (align is None):
+            raise ValueError("a refining stage needs its align policy, and an align policy needs the stage")
         self.cfg = model.cfg
         self.policy = policy
         self.batch_size = batch_size
         self.backend = backend
-        model = model.eval()
-        self._torch = model
-        self._session = _onnx_session(model) if backend == "onnx" else None
+        self.align = align
+        self._nets = [_Net(model, backend)]
+        if refine is not None:
+            self._nets.append(_Net(refine, backend))
 
     @property
     def size(self) -> int:
         return self.cfg.input_size
 
-    @torch.inference_mode()
-    def predict_crops(self, crops: np.ndarray) -> np.ndarray:
-        """(N, S, S) uint8 crops -> (N, 68, 2) keypoints in crop pixels."""
-        if len(crops) == 0:
-            return np.zeros((0, self.cfg.num_keypoints, 2), np.float32)
-        out = []
-        for start in range(0, len(crops), self.batch_size):
-            # (B, 1, S, S) float32 in [0, 1]
-            x = crops[start : start + self.batch_size, None].astype(np.float32) * np.float32(1.0 / 255.0)
-            if self._session is not None:
-                out.append(self._session.run(None, {"x": x})[0])
-            else:
-                out.append(self._torch(torch.from_numpy(x)).numpy())
-        pred = np.concatenate(out).reshape(len(crops), -1, 2)  # (N, 68, 2) in [-1, 1]
-        return denormalise(pred, self.size).astype(np.float32)
+    @property
+    def refines(self) -> bool:
+        return len(self._nets) > 1
+
+    def predict_crops(self, crops: np.ndarray, stage: int = 0) -> np.ndarray:
+        """(N, S, S) uint8 crops -> (N, 68, 2) keypoints in crop pixels, by the first (or the refining) stage."""
+        return self._nets[stage].predict(crops, self.batch_size)
 
     def crop(self, gray: np.ndarray, box: Box) -> tuple[np.ndarray, CropTransform]:
+        """The first stage's crop for a detector box."""
         return crop_square(gray, square_from_box(box, self.policy), self.size)
+
+    def context(self, gray: np.ndarray, box: Box) -> tuple[np.ndarray, CropTransform]:
+        """The canonical crop around a detector box (as ingest stores it), which the refining stage cuts from."""
+        a = self.align or al.AlignPolicy()
+        return crop_square(gray, canonical_square(box, self.policy, a.context_margin), a.context_size)
+
+    def refine_keypoints(
+        self, contexts: np.ndarray, transforms: list[CropTransform], keypoints: np.ndarray
+    ) -> np.ndarray:
+        """Second-stage keypoints (N, 68, 2) in image pixels from first-stage ones, given each face's canonical
+        crop and its transform (``context``). Without a refining stage the keypoints come back unchanged."""
+        if not self.refines or len(keypoints) == 0:
+            return keypoints
+        size = self._nets[1].size
+        kp_ctx = [t.to_crop(k) for t, k in zip(transforms, keypoints, strict=True)]
+        for _ in range(self.align.passes):
+            mats = [al.aligned_matrix(al.alignment_of(k), self.align.side, size) for k in kp_ctx]
+            crops = np.stack([al.warp(c, m, size) for c, m in zip(contexts, mats, strict=True)])
+            pred = self.predict_crops(crops, stage=1)
+            kp_ctx = [al.apply(al.invert(m), p) for m, p in zip(mats, pred, strict=True)]
+        return np.stack([t.to_image(k) for t, k in zip(transforms, kp_ctx, strict=True)]).astype(np.float32)
 
     def predict_boxes(self, gray: np.ndarray, boxes: list[Box]) -> list[Face]:
         """Keypoints for given boxes of one image."""
@@ -67,11 +99,40 @@ class Predictor:
             return []
         crops, transforms = zip(*(self.crop(gray, b) for b in boxes), strict=True)
         pred = self.predict_crops(np.stack(crops))
-        return [Face(b, t.to_image(p).astype(np.float32)) for b, t, p in zip(boxes, transforms, pred, strict=True)]
+        kps = np.stack([t.to_image(p) for t, p in zip(transforms, pred, strict=True)]).astype(np.float32)
+        if self.refines:
+            contexts, ctx_t = zip(*(self.context(gray, b) for b in boxes), strict=True)
+            kps = self.refine_keypoints(np.stack(contexts), list(ctx_t), kps)
+        return [Face(b, k) for b, k in zip(boxes, kps, strict=True)]
 
     def predict_image(self, gray: np.ndarray, detector: DetectorConfig = DetectorConfig()) -> list[Face]:
         """Detect every face in a grayscale image and put 68 keypoints on each."""
         return self.predict_boxes(gray, detect_faces(gray, detector))
+
+
+class _Net:
+    """One network behind ONNX Runtime or eager PyTorch: (N, S, S) uint8 crops -> crop-pixel keypoints."""
+
+    def __init__(self, model: NaimishNet, backend: str):
+        self.model = model.eval()
+        self.size = model.cfg.input_size
+        self.num_keypoints = model.cfg.num_keypoints
+        self.session = _onnx_session(self.model) if backend == "onnx" else None
+
+    @torch.inference_mode()
+    def predict(self, crops: np.ndarray, batch_size: int) -> np.ndarray:
+        if len(crops) == 0:
+            return np.zeros((0, self.num_keypoints, 2), np.float32)
+        out = []
+        for start in range(0, len(crops), batch_size):
+            # (B, 1, S, S) float32 in [0, 1]
+            x = crops[start : start + batch_size, None].astype(np.float32) * np.float32(1.0 / 255.0)
+            if self.session is not None:
+                out.append(self.session.run(None, {"x": x})[0])
+            else:
+                out.append(self.model(torch.from_numpy(x)).numpy())
+        pred = np.concatenate(out).reshape(len(crops), -1, 2)  # (N, 68, 2) in [-1, 1]
+        return denormalise(pred, self.size).astype(np.float32)
 
 
 def _onnx_session(model: NaimishNet):

@@ -44,4 +44,4 @@ def cached_predictor(model: str) -> tuple[Predictor, LoadedModel]:
 @lru_cache(maxsize=4)
 def _predictor(model: str, weights_sha256: str | None) -> tuple[Predictor, LoadedModel]:
     loaded = load_checkpoint(model)
-    return Predictor(loaded.model, loaded.policy), loaded
+    return Predictor(loaded.model, loaded.policy, refine=loaded.refine, align=loaded.align), loaded

@@ -134,6 +134,11 @@ def train(
     scale: Annotated[float, typer.Option(help="Box jitter: side x U(1 - scale, 1 + scale)")] = 0.0,
     rotate: Annotated[float, typer.Option(help="Rotation augmentation, +- degrees")] = 0.0,
     init: Annotated[str | None, typer.Option(help="Start from this checkpoint's weights")] = None,
+    refine_of: Annotated[
+        str | None,
+        typer.Option(help="Train a refining second stage for this first-stage checkpoint; the output holds both"),
+    ] = None,
+    align_side: Annotated[float, typer.Option(help="Refining stage: crop side in RMS radii of the keypoints")] = 3.8,
 ) -> None:
     """Train NaimishNet and save <out-dir>/<name>.safetensors + .json + _loss.png."""
     from flows.train import TrainConfig
@@ -159,6 +164,8 @@ def train(
                 scale=scale,
                 rotate=rotate,
                 init=init,
+                refine_of=refine_of,
+                align_side=align_side,
             )
         )
     )

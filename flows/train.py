@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
 from typing import Literal
@@ -13,15 +14,16 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
+from fkd_core.align import AlignPolicy
 from fkd_core.augment import AugmentConfig
-from fkd_core.checkpoint import SAVED_MODELS, load_checkpoint, save_checkpoint
+from fkd_core.checkpoint import SAVED_MODELS, LoadedModel, load_checkpoint, save_checkpoint
 from fkd_core.detect import DetectorConfig
 from fkd_core.examples import CANONICAL_MARGIN, inner_fraction
 from fkd_core.geometry import CropPolicy
 from fkd_core.model import NaimishNetConfig
 from fkd_core.parquet_io import dataset, read_examples, read_json
 from fkd_core.plots import loss_curve_png
-from fkd_core.train import EpochStats, TrainParams, evaluate_arrays, fit
+from fkd_core.train import EpochStats, TrainParams, alignment_frames, evaluate_arrays, fit, predict_canonical
 
 
 class TrainConfig(BaseModel):
@@ -58,6 +60,14 @@ class TrainConfig(BaseModel):
     max_train: int | None = Field(None, ge=1, description="Use only the first N training examples (smoke runs)")
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: all cores)")
     init: str | None = Field(None, description="Start from this checkpoint's weights (fine-tuning, continuing)")
+    refine_of: str | None = Field(
+        None,
+        description="Train a refining second stage for this first-stage checkpoint (on crops aligned to its "
+        "keypoints; starts from its weights unless `init` is given); the checkpoint written holds both stages",
+    )
+    align_side: float = Field(
+        AlignPolicy().side, gt=1, le=10, description="Refining stage: crop side in RMS radii of the keypoints"
+    )
 
 
 @task
@@ -85,6 +95,29 @@ def data_fingerprint(examples: str) -> dict:
         "n_val": int(pc.sum(pc.equal(tbl.column("split"), "val")).as_py() or 0),
         "split": {k: report.get(k) for k in ("split_by", "val_fraction", "seed")},
     }
+
+
+def stage_one(cfg: TrainConfig, policy: CropPolicy) -> LoadedModel | None:
+    """The first-stage checkpoint a refining stage is trained for, checked against the examples."""
+    if not cfg.refine_of:
+        return None
+    first = load_checkpoint(cfg.refine_of)
+    if first.refine is not None:
+        raise ValueError(f"refine_of: {cfg.refine_of} already has a refining stage; give its first stage alone")
+    if first.policy != policy:
+        raise ValueError(
+            f"refine_of: {cfg.refine_of} was trained on crops with {first.policy}, but the examples were cut "
+            f"with {policy}; ingest with the checkpoint's crop policy"
+        )
+    return first
+
+
+def val_nme(loaded: LoadedModel, val_xy: tuple[np.ndarray, np.ndarray], inner: float) -> float:
+    """Validation NME on the examples of a (one- or two-stage) checkpoint, as its pipeline predicts."""
+    if loaded.refine is None:
+        return evaluate_arrays(loaded.model, *val_xy, inner)[1]
+    frames = alignment_frames(predict_canonical(loaded.model, val_xy[0], inner))
+    return evaluate_arrays(loaded.refine, *val_xy, inner, align=loaded.align, frames=frames)[1]
 
 
 @flow(name="train")
@@ -131,7 +164,21 @@ def train(cfg: TrainConfig) -> dict:
         )
         update_progress_artifact(progress, progress=100.0 * s.epoch / cfg.epochs)
 
-    start = load_checkpoint(cfg.init).model if cfg.init else None
+    first = stage_one(cfg, policy)
+    align, val_frames = None, None
+    if first is not None:
+        align = AlignPolicy(
+            side=cfg.align_side,
+            context_margin=fingerprint.get("canonical_margin") or CANONICAL_MARGIN,
+            context_size=train_xy[0].shape[-1],
+        )
+        val_frames = alignment_frames(predict_canonical(first.model, val_xy[0], inner))
+        log.info("refining stage for %s (its val NME %.4f)", first.model_id, val_nme(first, val_xy, inner))
+    # a refining stage starts from the first stage's weights, or from `init`'s own refining stage if it has one
+    init = load_checkpoint(cfg.init) if cfg.init else None
+    start = (init.refine if first is not None and init.refine is not None else init.model) if init else None
+    if start is None and first is not None:
+        start = copy.deepcopy(first.model)
     if start is not None and start.cfg.input_size != cfg.input_size:
         raise ValueError(f"init checkpoint has input_size {start.cfg.input_size}, config asks for {cfg.input_size}")
     model, history = fit(
@@ -142,6 +189,8 @@ def train(cfg: TrainConfig) -> dict:
         inner=inner,
         on_epoch=on_epoch,
         model=start,
+        align=align,
+        val_frames=val_frames,
     )
     update_progress_artifact(progress, progress=100.0)
     best = history.best
@@ -173,16 +222,22 @@ def train(cfg: TrainConfig) -> dict:
         "metrics": {"val_mse": best.val_mse, "val_nme": best.val_nme, "train_mse": best.train_mse},
         "history": history.to_dict(),
     }
-    # float16 weights halve the checkpoint; keep them only if validation NME is unchanged to 1e-4.
     detector = DetectorConfig()
-    save_checkpoint(model, weights, policy=policy, detector=detector, meta=meta, dtype=torch.float16)
-    _, nme16 = evaluate_arrays(load_checkpoint(weights).model, *val_xy, inner)
+    stages: dict = {"model": model}
+    if first is not None:
+        # the file holds the first stage as trained and this run's model as its refining stage
+        detector = first.detector
+        stages = {"model": first.model, "refine": model, "align": align}
+        meta["refine_of"] = {"model_id": first.model_id, "metrics": first.meta.get("metrics")}
+    # float16 weights halve the checkpoint; keep them only if validation NME is unchanged to 1e-4.
+    save_checkpoint(weights_uri=weights, policy=policy, detector=detector, meta=meta, dtype=torch.float16, **stages)
+    nme16 = val_nme(load_checkpoint(weights), val_xy, inner)
     keep16 = not np.isfinite(nme16) or abs(nme16 - best.val_nme) <= 1e-4
     if not keep16:
         log.info("float16 changes val NME %.5f -> %.5f: storing float32", best.val_nme, nme16)
     model_id = save_checkpoint(
-        model,
-        weights,
+        weights_uri=weights,
+        **stages,
         policy=policy,
         detector=detector,
         meta={**meta, "float16_val_nme": nme16},

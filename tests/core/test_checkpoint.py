@@ -83,3 +83,59 @@ def test_onnx_runtime_path_equals_eager_torch():
     assert np.abs(fast - eager).max() < 1e-3
     with pytest.raises(ValueError, match="backend"):
         Predictor(model, CropPolicy(), backend="tensorrt")
+
+
+def test_two_stage_checkpoint_round_trip_and_refusals(tmp_path):
+    from fkd_core.align import AlignPolicy
+
+    first, second = NaimishNet().eval(), NaimishNet().eval()
+    uri = str(tmp_path / "two.safetensors")
+    align = AlignPolicy(side=3.5, context_size=160)
+    mid = save_checkpoint(
+        first,
+        uri,
+        policy=CropPolicy(),
+        detector=DetectorConfig(),
+        meta={},
+        dtype=torch.float32,
+        refine=second,
+        align=align,
+    )
+    loaded = load_checkpoint(uri)
+    x = torch.rand(2, 1, 96, 96)
+    assert torch.equal(loaded.model(x), first(x)) and torch.equal(loaded.refine(x), second(x))
+    assert loaded.align == align and loaded.model_id == mid
+    # the id covers both stages: another second stage is another model
+    other = save_checkpoint(
+        first,
+        str(tmp_path / "two.safetensors"),
+        policy=CropPolicy(),
+        detector=DetectorConfig(),
+        meta={},
+        dtype=torch.float32,
+        refine=NaimishNet().eval(),
+        align=align,
+    )
+    assert other != mid
+    # one-stage checkpoints load without a refining stage
+    _, one, _ = _save(tmp_path)
+    assert load_checkpoint(one).refine is None and load_checkpoint(one).align is None
+    # a config that claims a second stage the file does not hold is refused, naming the missing tensors
+    doc = json.loads((tmp_path / "m.json").read_text())
+    doc["refine"] = {"model": {"input_size": 96, "num_keypoints": 68}, "align": {"side": 3.8}}
+    (tmp_path / "m.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=r"missing \['refine.features.0.bias'"):
+        load_checkpoint(one)
+    # a second stage whose config does not fit its tensors is refused naming the tensor
+    doc = json.loads((tmp_path / "two.json").read_text())
+    doc["refine"]["model"]["input_size"] = 224
+    (tmp_path / "two.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=r"weight 'refine.head.1.weight' has shape \(1000, 6400\)"):
+        load_checkpoint(uri)
+    doc["refine"]["model"]["input_size"] = 96
+    doc["refine"]["align"]["sharpness"] = 2
+    (tmp_path / "two.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="invalid checkpoint config.*sharpness"):
+        load_checkpoint(uri)
+    with pytest.raises(ValueError, match="align policy"):
+        save_checkpoint(first, uri, policy=CropPolicy(), detector=DetectorConfig(), meta={}, refine=second)

@@ -4,8 +4,13 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from fkd_core.checkpoint import load_checkpoint
+from fkd_core.checkpoint import load_checkpoint, save_checkpoint
+from fkd_core.detect import DetectorConfig
+from fkd_core.geometry import CropPolicy
+from fkd_core.model import NaimishNet
+from fkd_core.parquet_io import read_examples
 from flows.evaluate import EvaluateConfig, evaluate
 from flows.ingest import IngestConfig, ingest
 from flows.train import TrainConfig, train
@@ -72,3 +77,56 @@ def test_evaluate_scores_the_shipped_model_end_to_end(tmp_path, sample_dir, samp
         )
     )
     assert 0 < val["metrics"]["faces"] < 60 and val["split_by"] == "person"
+
+
+def test_refining_stage_is_trained_for_a_first_stage_and_used_end_to_end(tmp_path, examples, sample_dir, sample_csv):
+    from fkd_core.train import evaluate_arrays
+    from flows.train import val_nme
+
+    cfg = dict(examples=examples, epochs=1, batch_size=16, seed=0, threads=1)
+    one = train(TrainConfig(out_dir=str(tmp_path), name="one", **cfg))
+    first_uri = str(tmp_path / "one.safetensors")
+    two = train(TrainConfig(out_dir=str(tmp_path), name="two", refine_of=first_uri, **{**cfg, "epochs": 2}))
+    first, loaded = load_checkpoint(first_uri), load_checkpoint(str(tmp_path / "two.safetensors"))
+    assert loaded.model_id == two["model_id"] != one["model_id"]
+    assert loaded.refine is not None and loaded.align is not None and loaded.align.context_size == 144
+    doc = json.loads((tmp_path / "two.json").read_text())
+    assert doc["refine_of"]["model_id"] == one["model_id"] and doc["train"]["epochs_run"] == 2
+    # the file's first stage is the given checkpoint, unchanged
+    for k, v in first.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v)
+    # the recorded validation NME is the two-stage pipeline's (to float16 rounding), not the first stage's
+    val = read_examples(examples, "val")[:2]
+    assert val_nme(loaded, val, 1 / 1.5) == pytest.approx(two["val_nme"], abs=2e-4)
+    assert evaluate_arrays(loaded.model, *val, 1 / 1.5)[1] == pytest.approx(one["val_nme"], abs=2e-4)
+    # evaluate and annotate run both stages: same boxes as the first stage alone, other keypoints
+    m1 = evaluate(
+        EvaluateConfig(
+            csv=str(sample_csv), images=str(sample_dir / "images"), out=str(tmp_path / "e1"), model=first_uri, worst=0
+        )
+    )
+    m2 = evaluate(
+        EvaluateConfig(
+            csv=str(sample_csv),
+            images=str(sample_dir / "images"),
+            out=str(tmp_path / "e2"),
+            model=str(tmp_path / "two.safetensors"),
+            worst=0,
+        )
+    )
+    f1, f2 = (pq.read_table(tmp_path / d / "faces.parquet").to_pandas() for d in ("e1", "e2"))
+    assert (f1["box_x"].fillna(-1) == f2["box_x"].fillna(-1)).all()
+    assert m2["metrics"]["detection_rate"] == m1["metrics"]["detection_rate"]
+    assert m2["metrics"]["nme_mean"] != m1["metrics"]["nme_mean"]
+    # a two-stage checkpoint cannot be refined again, and crop policies must agree
+    with pytest.raises(ValueError, match="already has a refining stage"):
+        train(TrainConfig(out_dir=str(tmp_path), name="three", refine_of=str(tmp_path / "two.safetensors"), **cfg))
+    save_checkpoint(
+        NaimishNet(),
+        str(tmp_path / "wide.safetensors"),
+        policy=CropPolicy(scale=1.5),
+        detector=DetectorConfig(),
+        meta={},
+    )
+    with pytest.raises(ValueError, match=r"was trained on crops with CropPolicy\(scale=1.5"):
+        train(TrainConfig(out_dir=str(tmp_path), name="four", refine_of=str(tmp_path / "wide.safetensors"), **cfg))
