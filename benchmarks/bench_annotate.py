@@ -76,6 +76,11 @@ def ratio(args) -> dict:
         results = {}
         for shard in args.shard_size:
             results[shard] = run_flow(str(corpus), f"{tmp}/out{shard}", shard, args.model)
+        other = {}
+        if args.compare_model:  # e.g. a one-stage checkpoint against the shipped two-stage one, same run
+            annotate(AnnotateConfig(source=uris[0], out=f"{tmp}/warm2", model=args.compare_model))
+            for shard in args.shard_size:
+                other[shard] = run_flow(str(corpus), f"{tmp}/cmp{shard}", shard, args.compare_model)
         loop2 = bare_loop(uris, detector)
     loop = (loop1 + loop2) / 2
     return {
@@ -85,7 +90,15 @@ def ratio(args) -> dict:
         "bare_loop_runs": [round(loop1, 1), round(loop2, 1)],
         "flow_images_per_s": {str(k): round(v, 1) for k, v in results.items()},
         "flow_over_loop": {str(k): round(v / loop, 3) for k, v in results.items()},
-    }
+    } | (
+        {
+            "compare_model": args.compare_model,
+            "compare_flow_images_per_s": {str(k): round(v, 1) for k, v in other.items()},
+            "compare_flow_over_loop": {str(k): round(v / loop, 3) for k, v in other.items()},
+        }
+        if other
+        else {}
+    )
 
 
 def memory(args) -> dict:
@@ -122,6 +135,7 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, nargs="+", default=[500])
     ap.add_argument("--images", default=str(DEFAULT_IMAGES))
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--compare-model", default=None, help="also time the flow with this checkpoint")
     args = ap.parse_args()
     args.n = args.n or (2400 if args.mode == "ratio" else 20000)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

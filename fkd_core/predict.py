@@ -158,4 +158,6 @@ def _onnx_session(model: NaimishNet):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.inter_op_num_threads = 1
+    # Two stages mean two sessions in one process: spinning worker threads of one would starve the other.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])

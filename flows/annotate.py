@@ -38,6 +38,9 @@ class AnnotateConfig(BaseModel):
     )
     model: str = Field(str(DEFAULT_MODEL), description="Checkpoint (.safetensors, with its .json beside it)")
     shard_size: int = Field(500, ge=1, le=100_000, description="Images per task")
+    refine: bool = Field(
+        True, description="Run a two-stage checkpoint's refining stage (off: first stage only, faster, less accurate)"
+    )
     incremental: bool = Field(False, description="Only images not already in any run under `out`")
     dask_address: str | None = Field(None, description="Run shards on this Dask scheduler (tcp://host:port)")
     workers: int = Field(1, ge=1, le=64, description="Shards at once with the local runner")
@@ -81,9 +84,11 @@ def load_plan(uri: str) -> list[list[str]]:
 
 
 @task(retries=IO_RETRIES[0], retry_delay_seconds=IO_RETRIES[1])
-def annotate_shard(uris: list[str], shard: int, out: str, run_id: str, model: str, max_pixels: int) -> ShardCounts:
+def annotate_shard(
+    uris: list[str], shard: int, out: str, run_id: str, model: str, max_pixels: int, refine: bool = True
+) -> ShardCounts:
     """Annotate one shard end to end and write its Parquet parts (idempotent: reruns overwrite the same parts)."""
-    predictor, loaded = cached_predictor(model)
+    predictor, loaded = cached_predictor(model, refine)
     settings = AnnotateSettings(detector=loaded.detector, max_pixels=max_pixels)
     return run_shard(uris, shard, out, run_id, predictor, loaded.model_id, settings)
 
@@ -124,7 +129,9 @@ def _annotate(cfg: AnnotateConfig) -> dict:
     run_id = cfg.run_id or new_run_id()
     run_uri = join_uri(cfg.out, "runs", f"{run_id}.json")
     plan_uri = join_uri(cfg.out, "runs", f"{run_id}.plan.parquet")
-    model_id = cached_predictor(cfg.model)[1].model_id  # fail fast on a bad checkpoint, before anything is written
+    model_id = cached_predictor(cfg.model, cfg.refine)[
+        1
+    ].model_id  # fail fast on a bad checkpoint, before anything is written
     previous = read_json(run_uri)
     if previous is not None and exists(plan_uri):
         if previous.get("model_id", model_id) != model_id:
@@ -172,6 +179,7 @@ def _annotate(cfg: AnnotateConfig) -> dict:
                     "run_id": run_id,
                     "model": cfg.model,
                     "max_pixels": cfg.max_pixels,
+                    "refine": cfg.refine,
                 },
             )
             for i in pending

@@ -40,6 +40,9 @@ def annotate(
     incremental: Annotated[bool, typer.Option(help="Skip images already annotated under OUT")] = False,
     dask_address: Annotated[str | None, typer.Option(help="Run shards on this Dask scheduler")] = None,
     workers: Annotated[int | None, typer.Option(help="Shards at once, local runner [FKD_WORKERS]")] = None,
+    refine: Annotated[
+        bool, typer.Option(help="Run the checkpoint's refining stage (--no-refine: first stage only, faster)")
+    ] = True,
 ) -> None:
     """Find every face under SOURCE and write 68 keypoints per face to OUT (Parquet)."""
     from flows.annotate import AnnotateConfig
@@ -58,6 +61,7 @@ def annotate(
             dask_address=s.dask_address,
             workers=s.workers,
             max_pixels=s.max_pixels,
+            refine=refine,
             progress=sys.stderr.isatty(),
         )
     )

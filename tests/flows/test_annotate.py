@@ -86,6 +86,23 @@ def test_rerun_of_a_finished_run_does_nothing_and_incremental_skips_known_images
     other.with_suffix(".json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="was started with model"):
         annotate(AnnotateConfig(source=str(src), out=str(out), model=str(other), shard_size=2, run_id="a"))
+    # the shipped checkpoint has two stages; --no-refine runs the first alone, under its own model id, and a
+    # run started with both stages cannot be resumed with one
+    with pytest.raises(ValueError, match=r"was started with model .* \(this one is .*\+first-stage\)"):
+        annotate(
+            AnnotateConfig(source=str(src), out=str(out), model=model_path, shard_size=2, run_id="a", refine=False)
+        )
+    fast = tmp_path / "fast"
+    one = annotate(AnnotateConfig(source=str(src), out=str(fast), model=model_path, shard_size=2, refine=False))
+    assert one["model_id"] == again["model_id"] + "+first-stage"
+    _, f_two = _tables(out)
+    _, f_one = _tables(fast)
+    f_two, f_one = (f.sort_by([("image_uri", "ascending"), ("face_index", "ascending")]) for f in (f_two, f_one))
+    assert f_one.column("box_x").to_pylist() == f_two.column("box_x").to_pylist()
+    shift = np.abs(
+        np.array(f_one.column("keypoints_x").to_pylist()) - np.array(f_two.column("keypoints_x").to_pylist())
+    )
+    assert shift.mean() > 0.1  # the refining stage moved the points
     for n in names[4:]:
         (src / n).write_bytes((sample_dir / "images" / n).read_bytes())
     inc = annotate(
