@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from fkd_core.geometry import normalise
+from fkd_core.augment import jitter_intensity
+from fkd_core.examples import CANONICAL_MARGIN, CANONICAL_SIZE
+from fkd_core.geometry import affine_points, normalise
 
 LEFT_EYE = slice(36, 42)  # iBUG 300-W: points 36-41 are the subject's right eye (image left)
 RIGHT_EYE = slice(42, 48)
@@ -43,9 +45,9 @@ class AlignPolicy:
     # Inference runs the second stage this many times, each pass aligned by the last pass's keypoints.
     # Measured on the validation crops: 1 pass 0.0704, 2 passes 0.0693, 3 passes 0.0693 (README).
     passes: int = 2
-    # The canonical crop the aligned crop is cut from (ingest's examples.CANONICAL_MARGIN / CANONICAL_SIZE).
-    context_margin: float = 1.5
-    context_size: int = 144
+    # The canonical crop the aligned crop is cut from (as ingest stores it).
+    context_margin: float = CANONICAL_MARGIN
+    context_size: int = CANONICAL_SIZE
 
     def __post_init__(self) -> None:
         if self.passes < 1 or self.side <= 0 or self.context_size < 1 or self.context_margin < 1:
@@ -102,12 +104,6 @@ def invert(m: np.ndarray) -> np.ndarray:
     return cv2.invertAffineTransform(np.asarray(m, np.float64))
 
 
-def apply(m: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """(..., 2) points through a (2, 3) affine."""
-    xy = np.asarray(xy, np.float64)
-    return xy @ m[:, :2].T + m[:, 2]
-
-
 def warp(crop: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
     """The aligned crop: a canonical crop through ``m`` into ``size`` x ``size`` (zeros beyond it).
 
@@ -148,9 +144,7 @@ def sample_aligned_batch(
         m = aligned_matrix(a, policy.side, size)
         img = warp(crops[i], m, size).astype(np.float32) * (1.0 / 255.0)
         if rng is not None and (brightness or contrast):
-            c = 1.0 + rng.uniform(-contrast, contrast)
-            b = rng.uniform(-brightness, brightness)
-            img = np.clip((img - 0.5) * c + 0.5 + b, 0.0, 1.0)
+            img = jitter_intensity(img, rng, brightness, contrast)
         x[j, 0] = img
-        y[j] = normalise(apply(m, keypoints[i]), size).reshape(-1)
+        y[j] = normalise(affine_points(m, keypoints[i].astype(np.float64)), size).reshape(-1)
     return x, y

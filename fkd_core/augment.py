@@ -51,6 +51,13 @@ def sample_matrix(
     return np.hstack([a, t[:, None]])
 
 
+def jitter_intensity(img: np.ndarray, rng: np.random.Generator, brightness: float, contrast: float) -> np.ndarray:
+    """``img`` in [0, 1] with contrast x U(1 - contrast, 1 + contrast) about 0.5 and brightness + U(+-brightness)."""
+    a = 1.0 + rng.uniform(-contrast, contrast)
+    b = rng.uniform(-brightness, brightness)
+    return np.clip((img - 0.5) * a + 0.5 + b, 0.0, 1.0)
+
+
 def sample_batch(
     crops: np.ndarray,
     keypoints: np.ndarray,
@@ -79,9 +86,7 @@ def sample_batch(
                 kp[:, 0] = (size - 1) - kp[:, 0]
                 kp = kp[FLIP_PERMUTATION]
             if aug.contrast or aug.brightness:
-                a = 1.0 + rng.uniform(-aug.contrast, aug.contrast)
-                b = rng.uniform(-aug.brightness, aug.brightness)
-                img = np.clip((img - 0.5) * a + 0.5 + b, 0.0, 1.0)
+                img = jitter_intensity(img, rng, aug.brightness, aug.contrast)
         x[j, 0] = img
         y[j] = normalise(kp, size).reshape(-1)
     return x, y

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fkd_core.align import Alignment, AlignPolicy, aligned_matrix, alignment_of, apply, invert, sample_aligned_batch
+from fkd_core.align import Alignment, AlignPolicy, aligned_matrix, alignment_of, invert, sample_aligned_batch
 from fkd_core.augment import AugmentConfig, sample_batch, sample_matrix
 from fkd_core.geometry import affine_points, denormalise
 from fkd_core.metrics import nme_per_face
@@ -115,7 +115,7 @@ def evaluate_arrays(
         if n > 0:  # realign on the last pass's keypoints, mapped back to canonical-crop pixels
             out = denormalise(p.reshape(len(crops), -1, 2).astype(np.float64), size)
             mats = (aligned_matrix(Alignment(*f), align.side, size) for f in frames)
-            frames = alignment_frames(np.stack([apply(invert(m), o) for m, o in zip(mats, out, strict=True)]))
+            frames = alignment_frames(np.stack([affine_points(invert(m), o) for m, o in zip(mats, out, strict=True)]))
         preds, targets = [], []
         for start in range(0, len(crops), batch_size):
             idx = np.arange(start, min(start + batch_size, len(crops)))
@@ -238,8 +238,7 @@ def predict_canonical(model: nn.Module, crops: np.ndarray, inner: float, batch_s
         return dummy
     pred = denormalise(np.concatenate(preds).reshape(len(crops), -1, 2).astype(np.float64), size)
     m = sample_matrix(crops.shape[1], inner, size, None, AugmentConfig.none())  # canonical -> model input
-    inv = np.linalg.inv(np.vstack([m, [0.0, 0.0, 1.0]]))[:2]
-    return affine_points(inv, pred.reshape(-1, 2)).reshape(pred.shape)
+    return affine_points(invert(m), pred.reshape(-1, 2)).reshape(pred.shape)
 
 
 def alignment_frames(keypoints: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ from fkd_core.checkpoint import SAVED_MODELS, LoadedModel, load_checkpoint, save
 from fkd_core.detect import DetectorConfig
 from fkd_core.examples import CANONICAL_MARGIN, inner_fraction
 from fkd_core.geometry import CropPolicy
+from fkd_core.metrics import nme_per_face
 from fkd_core.model import NaimishNetConfig
 from fkd_core.parquet_io import dataset, read_examples, read_json
 from fkd_core.plots import loss_curve_png
@@ -172,8 +173,10 @@ def train(cfg: TrainConfig) -> dict:
             context_margin=fingerprint.get("canonical_margin") or CANONICAL_MARGIN,
             context_size=train_xy[0].shape[-1],
         )
-        val_frames = alignment_frames(predict_canonical(first.model, val_xy[0], inner))
-        log.info("refining stage for %s (its val NME %.4f)", first.model_id, val_nme(first, val_xy, inner))
+        first_val = predict_canonical(first.model, val_xy[0], inner)
+        val_frames = alignment_frames(first_val)
+        first_nme = float(nme_per_face(first_val, val_xy[1]).mean()) if len(first_val) else float("nan")
+        log.info("refining stage for %s (its val NME %.4f)", first.model_id, first_nme)
     # a refining stage starts from the first stage's weights, or from `init`'s own refining stage if it has one
     init = load_checkpoint(cfg.init) if cfg.init else None
     start = (init.refine if first is not None and init.refine is not None else init.model) if init else None

@@ -11,13 +11,12 @@ from fkd_core.align import (
     AlignPolicy,
     aligned_matrix,
     alignment_of,
-    apply,
     invert,
     perturb,
     sample_aligned_batch,
     warp,
 )
-from fkd_core.geometry import CropPolicy, denormalise, normalise
+from fkd_core.geometry import CropPolicy, affine_points, denormalise, normalise
 from fkd_core.model import NaimishNet
 from fkd_core.predict import Predictor
 from fkd_core.types import Box
@@ -50,15 +49,15 @@ def test_alignment_follows_a_similarity_transform():
 def test_aligned_crop_puts_every_face_in_the_same_upright_place(angle):
     """Whatever the face's pose in the image, its aligned keypoints are the same (the shape alone is left)."""
     kp = _shape()
-    ref = apply(aligned_matrix(alignment_of(kp), 3.8, 96), kp)
+    ref = affine_points(aligned_matrix(alignment_of(kp), 3.8, 96), kp)
     moved = _similar(kp, angle, 0.7, (40.0, 5.0))
     m = aligned_matrix(alignment_of(moved), 3.8, 96)
-    got = apply(m, moved)
+    got = affine_points(m, moved)
     assert np.allclose(got, ref, atol=1e-6)
     frame = alignment_of(got)
     assert (frame.cx, frame.cy) == pytest.approx((47.5, 47.5)) and frame.angle == pytest.approx(0.0, abs=1e-9)
     assert frame.radius == pytest.approx(96 / 3.8)
-    assert np.allclose(apply(invert(m), got), moved, atol=1e-6)
+    assert np.allclose(affine_points(invert(m), got), moved, atol=1e-6)
 
 
 def test_warped_pixels_sit_where_the_matrix_puts_the_points():
@@ -68,7 +67,7 @@ def test_warped_pixels_sit_where_the_matrix_puts_the_points():
     out = warp(crop, m, 96).astype(np.float64)
     ys, xs = np.mgrid[0:96, 0:96]
     centroid = np.array([(out * xs).sum(), (out * ys).sum()]) / out.sum()
-    assert np.allclose(centroid, apply(m, np.array([90.0, 60.0])), atol=0.05)
+    assert np.allclose(centroid, affine_points(m, np.array([90.0, 60.0])), atol=0.05)
 
 
 def test_training_batches_keep_points_on_pixels_and_noise_is_seeded():
@@ -124,7 +123,7 @@ def test_two_stage_prediction_maps_the_refined_points_back_to_the_image():
     shape = _shape()
     shape = (shape - shape.mean(axis=0)) / np.abs(shape - shape.mean(axis=0)).max() * 30 + 47.5  # in a 96 px crop
     first = _Const(normalise(shape, 96))
-    aligned = apply(aligned_matrix(alignment_of(shape), 3.8, 96), shape)
+    aligned = affine_points(aligned_matrix(alignment_of(shape), 3.8, 96), shape)
     second = _Const(normalise(aligned, 96))
     gray = np.random.default_rng(0).integers(0, 255, size=(480, 640), dtype=np.uint8)
     boxes = [Box(100, 80, 150, 150), Box(500, 300, 60, 60), Box(-20, 400, 120, 120)]
