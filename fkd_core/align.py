@@ -14,6 +14,7 @@ aligned crop is cut from the canonical crop around the Haar box, in training and
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import cv2
@@ -119,28 +120,23 @@ def sample_aligned_batch(
     idx: np.ndarray,
     size: int,
     policy: AlignPolicy,
-    frames: np.ndarray | None = None,
     rng: np.random.Generator | None = None,
     brightness: float = 0.0,
     contrast: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Second-stage inputs (B, 1, S, S) float32 in [0, 1] and targets (B, 136) in [-1, 1] for examples ``idx``.
 
-    ``crops`` (N, C, C) uint8 and ``keypoints`` (N, 68, 2) are canonical crops and their true points.
-    ``frames`` (N, 4) are alignments (``Alignment.to_array``) to crop with, e.g. from first-stage predictions;
-    without them the alignment of the true points is used, perturbed by ``policy``'s noise when ``rng`` is given
-    (training). ``brightness``/``contrast`` jitter the intensities like ``augment.sample_batch`` (with ``rng``).
+    ``crops`` (N, C, C) uint8 and ``keypoints`` (N, 68, 2) are canonical crops and their true points. Each crop
+    is aligned to its true points, perturbed by ``policy``'s noise when ``rng`` is given (training).
+    ``brightness``/``contrast`` jitter the intensities like ``augment.sample_batch`` (with ``rng``).
     """
     n = len(idx)
     x = np.empty((n, 1, size, size), np.float32)
     y = np.empty((n, keypoints.shape[1] * 2), np.float32)
     for j, i in enumerate(idx):
-        if frames is not None:
-            a = Alignment(*map(float, frames[i]))
-        else:
-            a = alignment_of(keypoints[i])
-            if rng is not None:
-                a = perturb(a, rng, policy)
+        a = alignment_of(keypoints[i])
+        if rng is not None:
+            a = perturb(a, rng, policy)
         m = aligned_matrix(a, policy.side, size)
         img = warp(crops[i], m, size).astype(np.float32) * (1.0 / 255.0)
         if rng is not None and (brightness or contrast):
@@ -148,3 +144,30 @@ def sample_aligned_batch(
         x[j, 0] = img
         y[j] = normalise(affine_points(m, keypoints[i].astype(np.float64)), size).reshape(-1)
     return x, y
+
+
+def refine_passes(
+    predict: Callable[[np.ndarray], np.ndarray],
+    contexts: np.ndarray,
+    keypoints: np.ndarray,
+    policy: AlignPolicy,
+    size: int,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The refining stage at inference, on canonical crops: ``policy.passes`` times, cut from each canonical crop
+    the crop aligned to its current keypoints, predict, and map the answer back.
+
+    ``predict`` maps (N, size, size) uint8 aligned crops to (N, 68, 2) keypoints in aligned-crop pixels;
+    ``keypoints`` (N, 68, 2) are the first stage's, in canonical-crop pixels. Returns the refined keypoints
+    (N, 68, 2) float64 in canonical-crop pixels and the last pass's matrices (canonical -> aligned crop).
+    Validation (``train.evaluate_arrays``) and the ``Predictor`` both run this one function.
+    """
+    kp = list(np.asarray(keypoints, np.float64))
+    mats: list[np.ndarray] = []
+    if not kp:
+        return np.asarray(keypoints, np.float64), mats
+    for _ in range(policy.passes):
+        mats = [aligned_matrix(alignment_of(k), policy.side, size) for k in kp]
+        crops = np.stack([warp(c, m, size) for c, m in zip(contexts, mats, strict=True)])
+        pred = predict(crops)
+        kp = [affine_points(invert(m), p.astype(np.float64)) for m, p in zip(mats, pred, strict=True)]
+    return np.stack(kp), mats

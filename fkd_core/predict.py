@@ -10,7 +10,7 @@ import torch
 from fkd_core import align as al
 from fkd_core.detect import DetectorConfig, detect_faces
 from fkd_core.examples import canonical_square
-from fkd_core.geometry import CropPolicy, CropTransform, affine_points, crop_square, denormalise, square_from_box
+from fkd_core.geometry import CropPolicy, CropTransform, crop_square, denormalise, square_from_box
 from fkd_core.model import NaimishNet
 from fkd_core.types import Box
 
@@ -84,13 +84,10 @@ class Predictor:
         crop and its transform (``context``). Without a refining stage the keypoints come back unchanged."""
         if not self.refines or len(keypoints) == 0:
             return keypoints
-        size = self._nets[1].size
         kp_ctx = [t.to_crop(k) for t, k in zip(transforms, keypoints, strict=True)]
-        for _ in range(self.align.passes):
-            mats = [al.aligned_matrix(al.alignment_of(k), self.align.side, size) for k in kp_ctx]
-            crops = np.stack([al.warp(c, m, size) for c, m in zip(contexts, mats, strict=True)])
-            pred = self.predict_crops(crops, stage=1)
-            kp_ctx = [affine_points(al.invert(m), p.astype(np.float64)) for m, p in zip(mats, pred, strict=True)]
+        kp_ctx, _ = al.refine_passes(
+            lambda crops: self.predict_crops(crops, stage=1), contexts, kp_ctx, self.align, self._nets[1].size
+        )
         return np.stack([t.to_image(k) for t, k in zip(transforms, kp_ctx, strict=True)]).astype(np.float32)
 
     def predict_boxes(self, gray: np.ndarray, boxes: list[Box]) -> list[Face]:

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fkd_core.align import Alignment, AlignPolicy, aligned_matrix, alignment_of, invert, sample_aligned_batch
+from fkd_core.align import AlignPolicy, invert, refine_passes, sample_aligned_batch
 from fkd_core.augment import AugmentConfig, sample_batch, sample_matrix
-from fkd_core.geometry import affine_points, denormalise
+from fkd_core.geometry import affine_points, denormalise, normalise
 from fkd_core.metrics import nme_per_face
 from fkd_core.model import NaimishNet, NaimishNetConfig
 
@@ -80,12 +80,11 @@ def _batch(
     rng: np.random.Generator | None,
     aug: AugmentConfig,
     align: AlignPolicy | None,
-    frames: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A batch of first-stage (Haar-box) crops, or of second-stage (aligned) crops when ``align`` is set."""
     if align is None:
         return sample_batch(crops, kps, idx, size, inner, rng, aug)
-    return sample_aligned_batch(crops, kps, idx, size, align, frames, rng, aug.brightness, aug.contrast)
+    return sample_aligned_batch(crops, kps, idx, size, align, rng, aug.brightness, aug.contrast)
 
 
 @torch.inference_mode()
@@ -97,35 +96,43 @@ def evaluate_arrays(
     batch_size: int = 256,
     *,
     align: AlignPolicy | None = None,
-    frames: np.ndarray | None = None,
+    first: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """Validation (MSE on normalised keypoints, mean NME) of un-augmented crops.
 
-    With ``align`` the crops are second-stage crops aligned by ``frames`` (the first stage's predictions), and
-    the stage runs ``align.passes`` times, each pass aligned by the last one's keypoints, as at inference.
+    With ``align`` the model is a refining stage, run as at inference (``align.refine_passes``) from ``first``,
+    the first stage's keypoints (N, 68, 2) in canonical-crop pixels; its MSE is measured in the last pass's
+    aligned crop, like its training loss.
     """
-    if align is not None and frames is None:
-        raise ValueError("second-stage validation needs the first stage's alignment frames")
+    if align is not None and first is None:
+        raise ValueError("second-stage validation needs the first stage's keypoints")
     if len(crops) == 0:
         return float("nan"), float("nan")
     model.eval()
     size = model.cfg.input_size
-    p = t = np.zeros((0, 0), np.float32)
-    for n in range(align.passes if align is not None else 1):
-        if n > 0:  # realign on the last pass's keypoints, mapped back to canonical-crop pixels
-            out = denormalise(p.reshape(len(crops), -1, 2).astype(np.float64), size)
-            mats = (aligned_matrix(Alignment(*f), align.side, size) for f in frames)
-            frames = alignment_frames(np.stack([affine_points(invert(m), o) for m, o in zip(mats, out, strict=True)]))
-        preds, targets = [], []
-        for start in range(0, len(crops), batch_size):
-            idx = np.arange(start, min(start + batch_size, len(crops)))
-            x, y = _batch(crops, keypoints, idx, size, inner, None, AugmentConfig.none(), align, frames)
-            preds.append(model(torch.from_numpy(x)).numpy())
-            targets.append(y)
-        p, t = np.concatenate(preds), np.concatenate(targets)
+    k = keypoints.shape[1]
+    if align is not None:
+
+        def predict(x: np.ndarray) -> np.ndarray:  # (N, S, S) uint8 aligned crops -> aligned-crop pixels
+            out = [
+                model(torch.from_numpy(x[s : s + batch_size, None].astype(np.float32) * np.float32(1.0 / 255.0)))
+                for s in range(0, len(x), batch_size)
+            ]
+            return denormalise(torch.cat(out).numpy().reshape(len(x), k, 2).astype(np.float64), size)
+
+        pred, mats = refine_passes(predict, crops, first, align, size)
+        p = np.stack([normalise(affine_points(m, q), size) for m, q in zip(mats, pred, strict=True)])
+        t = np.stack([normalise(affine_points(m, q), size) for m, q in zip(mats, keypoints, strict=True)])
+        return float(np.mean((p - t) ** 2)), float(nme_per_face(pred, keypoints).mean())
+    preds, targets = [], []
+    for start in range(0, len(crops), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(crops)))
+        x, y = sample_batch(crops, keypoints, idx, size, inner, None, AugmentConfig.none())
+        preds.append(model(torch.from_numpy(x)).numpy())
+        targets.append(y)
+    p, t = np.concatenate(preds), np.concatenate(targets)
     mse = float(np.mean((p.astype(np.float64) - t) ** 2))
     # NME is scale- and rotation-free, so crop pixels give the same value as original pixels for the same box.
-    k = p.shape[1] // 2
     nme = nme_per_face(denormalise(p.reshape(-1, k, 2), size), denormalise(t.reshape(-1, k, 2), size))
     return mse, float(nme.mean())
 
@@ -140,13 +147,14 @@ def fit(
     on_epoch: Callable[[EpochStats], None] | None = None,
     model: NaimishNet | None = None,
     align: AlignPolicy | None = None,
-    val_frames: np.ndarray | None = None,
+    val_first: np.ndarray | None = None,
 ) -> tuple[NaimishNet, History]:
     """Train NaimishNet on (crops, keypoints) arrays; returns the best-validation model and the history.
 
     ``inner`` is the model crop's side as a fraction of the canonical crop. With ``align`` the model is a second
     stage: it trains on crops aligned to the true keypoints with ``align``'s noise and is validated on crops
-    aligned by ``val_frames`` (alignments of the first stage's validation predictions). Deterministic for a seed.
+    aligned by ``val_first`` (the first stage's validation keypoints, canonical-crop pixels), as at inference.
+    Deterministic for a seed.
     """
     if params.schedule not in ("plateau", "cosine"):
         raise ValueError(f"schedule must be 'plateau' or 'cosine', got {params.schedule!r}")
@@ -188,7 +196,7 @@ def fit(
         total, count = 0.0, 0
         for start in range(0, n, params.batch_size):
             idx = order[start : start + params.batch_size]
-            x, y = _batch(crops, kps, idx, model.cfg.input_size, inner, rng, params.augment, align, None)
+            x, y = _batch(crops, kps, idx, model.cfg.input_size, inner, rng, params.augment, align)
             opt.zero_grad(set_to_none=True)
             xb = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
             loss = loss_fn(model(xb), torch.from_numpy(y))
@@ -200,7 +208,7 @@ def fit(
                 sched.step()
             total += loss.item() * len(idx)
             count += len(idx)
-        val_mse, val_nme = evaluate_arrays(scored, *val, inner, align=align, frames=val_frames)
+        val_mse, val_nme = evaluate_arrays(scored, *val, inner, align=align, first=val_first)
         score = val_nme if math.isfinite(val_nme) else total / count
         if params.schedule == "plateau":
             sched.step(score)
@@ -239,8 +247,3 @@ def predict_canonical(model: nn.Module, crops: np.ndarray, inner: float, batch_s
     pred = denormalise(np.concatenate(preds).reshape(len(crops), -1, 2).astype(np.float64), size)
     m = sample_matrix(crops.shape[1], inner, size, None, AugmentConfig.none())  # canonical -> model input
     return affine_points(invert(m), pred.reshape(-1, 2)).reshape(pred.shape)
-
-
-def alignment_frames(keypoints: np.ndarray) -> np.ndarray:
-    """(N, 68, 2) keypoints -> (N, 4) alignment frames (centre x, y, radius, angle) for the refining stage."""
-    return np.array([alignment_of(k).to_array() for k in keypoints]).reshape(-1, 4)

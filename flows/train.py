@@ -24,7 +24,7 @@ from fkd_core.metrics import nme_per_face
 from fkd_core.model import NaimishNetConfig
 from fkd_core.parquet_io import dataset, read_examples, read_json
 from fkd_core.plots import loss_curve_png
-from fkd_core.train import EpochStats, TrainParams, alignment_frames, evaluate_arrays, fit, predict_canonical
+from fkd_core.train import EpochStats, TrainParams, evaluate_arrays, fit, predict_canonical
 
 
 class TrainConfig(BaseModel):
@@ -117,8 +117,8 @@ def val_nme(loaded: LoadedModel, val_xy: tuple[np.ndarray, np.ndarray], inner: f
     """Validation NME on the examples of a (one- or two-stage) checkpoint, as its pipeline predicts."""
     if loaded.refine is None:
         return evaluate_arrays(loaded.model, *val_xy, inner)[1]
-    frames = alignment_frames(predict_canonical(loaded.model, val_xy[0], inner))
-    return evaluate_arrays(loaded.refine, *val_xy, inner, align=loaded.align, frames=frames)[1]
+    first = predict_canonical(loaded.model, val_xy[0], inner)
+    return evaluate_arrays(loaded.refine, *val_xy, inner, align=loaded.align, first=first)[1]
 
 
 @flow(name="train")
@@ -166,7 +166,7 @@ def train(cfg: TrainConfig) -> dict:
         update_progress_artifact(progress, progress=100.0 * s.epoch / cfg.epochs)
 
     first = stage_one(cfg, policy)
-    align, val_frames = None, None
+    align, first_val = None, None
     if first is not None:
         align = AlignPolicy(
             side=cfg.align_side,
@@ -174,7 +174,6 @@ def train(cfg: TrainConfig) -> dict:
             context_size=train_xy[0].shape[-1],
         )
         first_val = predict_canonical(first.model, val_xy[0], inner)
-        val_frames = alignment_frames(first_val)
         first_nme = float(nme_per_face(first_val, val_xy[1]).mean()) if len(first_val) else float("nan")
         log.info("refining stage for %s (its val NME %.4f)", first.model_id, first_nme)
     # a refining stage starts from the first stage's weights, or from `init`'s own refining stage if it has one
@@ -193,7 +192,7 @@ def train(cfg: TrainConfig) -> dict:
         on_epoch=on_epoch,
         model=start,
         align=align,
-        val_frames=val_frames,
+        val_first=first_val,
     )
     update_progress_artifact(progress, progress=100.0)
     best = history.best
