@@ -87,6 +87,10 @@ def _batch(
     return sample_aligned_batch(crops, kps, idx, size, align, rng, aug.brightness, aug.contrast)
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.inference_mode()
 def evaluate_arrays(
     model: nn.Module,
@@ -111,11 +115,14 @@ def evaluate_arrays(
     model.eval()
     size = model.cfg.input_size
     k = keypoints.shape[1]
+    dev = _device_of(model)
     if align is not None:
 
         def predict(x: np.ndarray) -> np.ndarray:  # (N, S, S) uint8 aligned crops -> aligned-crop pixels
             out = [
-                model(torch.from_numpy(x[s : s + batch_size, None].astype(np.float32) * np.float32(1.0 / 255.0)))
+                model(
+                    torch.from_numpy(x[s : s + batch_size, None].astype(np.float32) * np.float32(1.0 / 255.0)).to(dev)
+                ).cpu()
                 for s in range(0, len(x), batch_size)
             ]
             return denormalise(torch.cat(out).numpy().reshape(len(x), k, 2).astype(np.float64), size)
@@ -128,7 +135,7 @@ def evaluate_arrays(
     for start in range(0, len(crops), batch_size):
         idx = np.arange(start, min(start + batch_size, len(crops)))
         x, y = sample_batch(crops, keypoints, idx, size, inner, None, AugmentConfig.none())
-        preds.append(model(torch.from_numpy(x)).numpy())
+        preds.append(model(torch.from_numpy(x).to(dev)).cpu().numpy())
         targets.append(y)
     p, t = np.concatenate(preds), np.concatenate(targets)
     mse = float(np.mean((p.astype(np.float64) - t) ** 2))
@@ -148,13 +155,15 @@ def fit(
     model: NaimishNet | None = None,
     align: AlignPolicy | None = None,
     val_first: np.ndarray | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[NaimishNet, History]:
     """Train NaimishNet on (crops, keypoints) arrays; returns the best-validation model and the history.
 
     ``inner`` is the model crop's side as a fraction of the canonical crop. With ``align`` the model is a second
     stage: it trains on crops aligned to the true keypoints with ``align``'s noise and is validated on crops
     aligned by ``val_first`` (the first stage's validation keypoints, canonical-crop pixels), as at inference.
-    Deterministic for a seed.
+    ``device`` is where the model trains ("cuda" on a GPU machine); batches are sampled on the CPU either way
+    and the model comes back on the CPU. Deterministic for a seed on a given device.
     """
     if params.schedule not in ("plateau", "cosine"):
         raise ValueError(f"schedule must be 'plateau' or 'cosine', got {params.schedule!r}")
@@ -163,7 +172,7 @@ def fit(
     seed_everything(params.seed)
     model = model or NaimishNet(model_cfg)
     # channels-last convolutions are about 1.4x faster on x86 CPUs for this network (benchmarks/bench_model.py)
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device=device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=params.lr, betas=params.betas, eps=params.eps)
     crops, kps = train
     n = len(crops)
@@ -193,26 +202,27 @@ def fit(
         t0 = time.perf_counter()
         model.train()
         order = rng.permutation(n)
-        total, count = 0.0, 0
+        total, count = torch.zeros((), dtype=torch.float64, device=device), 0
         for start in range(0, n, params.batch_size):
             idx = order[start : start + params.batch_size]
             x, y = _batch(crops, kps, idx, model.cfg.input_size, inner, rng, params.augment, align)
             opt.zero_grad(set_to_none=True)
-            xb = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
-            loss = loss_fn(model(xb), torch.from_numpy(y))
+            xb = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
+            loss = loss_fn(model(xb), torch.from_numpy(y).to(device))
             loss.backward()
             opt.step()
             if ema is not None:
                 ema.update_parameters(model)
             if params.schedule == "cosine":
                 sched.step()
-            total += loss.item() * len(idx)
+            total += loss.detach() * len(idx)  # summed on the device: no sync per step
             count += len(idx)
+        train_mse = float(total) / count
         val_mse, val_nme = evaluate_arrays(scored, *val, inner, align=align, first=val_first)
-        score = val_nme if math.isfinite(val_nme) else total / count
+        score = val_nme if math.isfinite(val_nme) else train_mse
         if params.schedule == "plateau":
             sched.step(score)
-        stats = EpochStats(epoch, total / count, val_mse, val_nme, opt.param_groups[0]["lr"], time.perf_counter() - t0)
+        stats = EpochStats(epoch, train_mse, val_mse, val_nme, opt.param_groups[0]["lr"], time.perf_counter() - t0)
         history.epochs.append(stats)
         if score < best_score:
             best_score, since_best, history.best_epoch = score, 0, epoch
@@ -226,7 +236,7 @@ def fit(
             break
     if best_state is not None:
         model.load_state_dict(best_state)
-    model = model.to(memory_format=torch.contiguous_format)
+    model = model.to(device="cpu", memory_format=torch.contiguous_format)
     model.eval()
     return model, history
 
@@ -236,12 +246,13 @@ def predict_canonical(model: nn.Module, crops: np.ndarray, inner: float, batch_s
     """A first-stage model's keypoints (N, 68, 2) in canonical-crop pixels, from the inference crop of each."""
     model.eval()
     size = model.cfg.input_size
+    dev = _device_of(model)
     dummy = np.zeros((len(crops), model.cfg.num_keypoints, 2), np.float32)
     preds = []
     for start in range(0, len(crops), batch_size):
         idx = np.arange(start, min(start + batch_size, len(crops)))
         x, _ = sample_batch(crops, dummy, idx, size, inner)
-        preds.append(model(torch.from_numpy(x)).numpy())
+        preds.append(model(torch.from_numpy(x).to(dev)).cpu().numpy())
     if not preds:
         return dummy
     pred = denormalise(np.concatenate(preds).reshape(len(crops), -1, 2).astype(np.float64), size)

@@ -143,6 +143,7 @@ def train(
         typer.Option(help="Train a refining second stage for this first-stage checkpoint; the output holds both"),
     ] = None,
     align_side: Annotated[float, typer.Option(help="Refining stage: crop side in RMS radii of the keypoints")] = 3.8,
+    device: Annotated[str, typer.Option(help="cpu, or cuda[:N] to train on a GPU")] = "cpu",
 ) -> None:
     """Train NaimishNet and save <out-dir>/<name>.safetensors + .json + _loss.png."""
     from flows.train import TrainConfig
@@ -170,6 +171,7 @@ def train(
                 init=init,
                 refine_of=refine_of,
                 align_side=align_side,
+                device=device,
             )
         )
     )

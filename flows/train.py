@@ -60,6 +60,9 @@ class TrainConfig(BaseModel):
     flip: float = Field(0.0, ge=0, le=1, description="Probability of a horizontal flip (with augment)")
     max_train: int | None = Field(None, ge=1, description="Use only the first N training examples (smoke runs)")
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: all cores)")
+    device: str = Field(
+        "cpu", pattern=r"^(cpu|cuda(:[0-9]+)?)$", description="Where the model trains: cpu, or cuda[:N] on a GPU"
+    )
     init: str | None = Field(None, description="Start from this checkpoint's weights (fine-tuning, continuing)")
     refine_of: str | None = Field(
         None,
@@ -129,6 +132,8 @@ def train(cfg: TrainConfig) -> dict:
     log = get_run_logger()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.device != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"device: {cfg.device!r} asked for, but torch sees no CUDA GPU on this machine")
     t0 = time.perf_counter()
     fingerprint = data_fingerprint(cfg.examples)
     train_xy = load_split(cfg.examples, "train", cfg.max_train)
@@ -193,6 +198,7 @@ def train(cfg: TrainConfig) -> dict:
         model=start,
         align=align,
         val_first=first_val,
+        device=cfg.device,
     )
     update_progress_artifact(progress, progress=100.0)
     best = history.best

@@ -103,3 +103,23 @@ def test_cli_defaults_are_the_flow_config_defaults(command, config):
     assert shared, "no option shares a name with the config"
     for name in shared:
         assert params[name].default == fields[name].default, name
+
+
+def test_train_config_refuses_an_unknown_device_naming_the_field():
+    from pydantic import ValidationError
+
+    from flows.train import TrainConfig
+
+    with pytest.raises(ValidationError, match=r"device\n.*String should match pattern"):
+        TrainConfig(examples="x", device="gpu")
+    assert TrainConfig(examples="x", device="cuda:1").device == "cuda:1"
+
+
+def test_cli_refuses_a_gpu_where_torch_sees_none(tmp_path):
+    out = subprocess.run(
+        [str(BIN / "fkd"), "train", str(tmp_path / "examples"), "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert out.returncode != 0 and "torch sees no CUDA GPU" in out.stdout + out.stderr
