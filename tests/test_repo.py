@@ -67,6 +67,14 @@ def test_readme_front_door_commands_match_ci():
     assert setup.strip() in ci and tests.strip() in ci
 
 
+def test_readme_names_the_shipped_checkpoint():
+    """The README's metrics are for the checkpoint that ships: its heading must name that model id."""
+    from fkd_core.checkpoint import load_checkpoint
+
+    heading = re.search(r"### Shipped checkpoint: `([^`]+)`", (ROOT / "README.md").read_text())
+    assert heading is not None and heading.group(1) == load_checkpoint().model_id
+
+
 @pytest.mark.flows
 def test_readme_downstream_queries_run_on_real_output(tmp_path, sample_dir):
     """Every ```python block of the README's "Querying the output" section runs against a real annotate output."""
