@@ -78,13 +78,6 @@ RUNS = {
 }
 
 
-def yaw(kp: np.ndarray) -> np.ndarray:
-    """A yaw proxy of (N, 68, 2) keypoints: the nose tip's offset between the outer eye corners, 0 frontal, +-1 at
-    an eye corner."""
-    x = kp[..., 0]
-    return ((x[:, 30] - x[:, 36]) - (x[:, 45] - x[:, 30])) / np.maximum(np.abs(x[:, 45] - x[:, 36]), 1e-6)
-
-
 def pack(person: str, frame: str, out: str) -> None:
     from fkd_core.parquet_io import read_examples
 
@@ -123,6 +116,7 @@ def run(data: str, name: str, out: str, device: str = "cuda") -> None:
     from fkd_core.align import AlignPolicy
     from fkd_core.checkpoint import load_checkpoint
     from fkd_core.examples import inner_fraction
+    from fkd_core.metrics import PROFILE_YAW, yaw
     from fkd_core.train import TrainParams, fit, predict_canonical
 
     torch.set_num_threads(2)
@@ -133,7 +127,7 @@ def run(data: str, name: str, out: str, device: str = "cuda") -> None:
     work.mkdir(parents=True, exist_ok=True)
     train, val = load(data, spec["split"])
     if spec.get("profiles_x", 1) > 1:
-        profiles = np.flatnonzero(np.abs(yaw(train[1])) >= 0.5)
+        profiles = np.flatnonzero(np.abs(yaw(train[1])) >= PROFILE_YAW)
         idx = np.concatenate([np.arange(len(train[0])), np.tile(profiles, spec["profiles_x"] - 1)])
         train = (train[0][idx], train[1][idx])
     inner = inner_fraction()

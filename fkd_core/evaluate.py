@@ -14,7 +14,7 @@ from fkd_core.errors import ImageError
 from fkd_core.examples import LabelledRow
 from fkd_core.geometry import crop_transform, normalise, square_from_box
 from fkd_core.image_io import join_uri, read_gray
-from fkd_core.metrics import nme_per_face
+from fkd_core.metrics import nme_per_face, yaw
 from fkd_core.parquet_io import keypoint_column
 from fkd_core.plots import draw_faces, montage
 from fkd_core.predict import Predictor
@@ -29,6 +29,7 @@ EVAL_SCHEMA = pa.schema(
         pa.field("n_detected", pa.int16(), nullable=False),
         pa.field("nme", pa.float64()),
         pa.field("mse", pa.float64()),
+        pa.field("yaw", pa.float64(), nullable=False),  # of the labelled points (metrics.yaw)
         pa.field("box_x", pa.int32()),
         pa.field("box_y", pa.int32()),
         pa.field("box_w", pa.int32()),
@@ -82,6 +83,13 @@ def evaluate_rows(
     return out
 
 
+def face_yaw(results: list[FaceResult]) -> np.ndarray:
+    """The yaw proxy (``metrics.yaw``) of each result's labelled keypoints."""
+    if not results:
+        return np.zeros(0)
+    return yaw(np.stack([r.row.keypoints for r in results]))
+
+
 def results_table(results: list[FaceResult]) -> pa.Table:
     pred = np.array([r.pred if r.pred is not None else np.full((68, 2), np.nan) for r in results], np.float32)
     pred = pred.reshape(-1, 68, 2)
@@ -99,6 +107,7 @@ def results_table(results: list[FaceResult]) -> pa.Table:
             "n_detected": pa.array([r.n_detected for r in results], pa.int16()),
             "nme": pa.array([r.nme for r in results], pa.float64()),
             "mse": pa.array([r.mse for r in results], pa.float64()),
+            "yaw": pa.array(face_yaw(results), pa.float64()),
             "box_x": box("x"),
             "box_y": box("y"),
             "box_w": box("w"),

@@ -6,6 +6,9 @@ import numpy as np
 
 from fkd_core.types import LEFT_EYE_OUTER, RIGHT_EYE_OUTER
 
+NOSE_TIP = 30
+PROFILE_YAW = 0.5  # |yaw| from here on is a profile or strongly turned head (README, "Shipped checkpoint")
+
 
 def mse(pred_norm: np.ndarray, true_norm: np.ndarray) -> float:
     """Mean squared error of keypoints normalised to [-1, 1] in the model crop."""
@@ -49,3 +52,27 @@ def summarise(nme: np.ndarray, n_labelled: int, threshold: float = 0.10) -> dict
         "nme_median": float(np.median(nme)) if len(nme) else float("nan"),
         f"fr@{threshold:.2f}": failure_rate(nme, threshold, unmatched),
     }
+
+
+def yaw(true_xy: np.ndarray) -> np.ndarray:
+    """(N, 68, 2) -> (N,) a yaw proxy: where the nose tip sits between the outer eye corners, 0 when it is midway
+    (frontal), +-1 when it is in line with one corner, beyond that past it. Sign follows image x."""
+    x = np.asarray(true_xy, np.float64)[..., 0]
+    left, right, nose = x[:, LEFT_EYE_OUTER], x[:, RIGHT_EYE_OUTER], x[:, NOSE_TIP]
+    return ((nose - left) - (right - nose)) / np.maximum(np.abs(right - left), 1e-9)
+
+
+def by_pose(nme: np.ndarray, yaw_matched: np.ndarray, yaw_all: np.ndarray, threshold: float = 0.10) -> list[dict]:
+    """``summarise`` per pose: frontal (|yaw| < PROFILE_YAW) and turned faces (profiles, strongly turned heads).
+
+    ``nme``/``yaw_matched`` are the matched faces', ``yaw_all`` every labelled face's (unmatched faces count as
+    failures in their group)."""
+    nme = np.asarray(nme, np.float64)
+    ym, ya = np.abs(np.asarray(yaw_matched, np.float64)), np.abs(np.asarray(yaw_all, np.float64))
+    rows = []
+    for pose, keep_m, keep_a in (
+        (f"frontal (yaw within ±{PROFILE_YAW})", ym < PROFILE_YAW, ya < PROFILE_YAW),
+        (f"turned (yaw beyond ±{PROFILE_YAW})", ym >= PROFILE_YAW, ya >= PROFILE_YAW),
+    ):
+        rows.append({"pose": pose, **summarise(nme[keep_m], int(keep_a.sum()), threshold)})
+    return rows

@@ -10,10 +10,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field
 
 from fkd_core.checkpoint import DEFAULT_MODEL, load_checkpoint
-from fkd_core.evaluate import FaceResult, evaluate_rows, results_table, worst_montage
+from fkd_core.evaluate import FaceResult, evaluate_rows, face_yaw, results_table, worst_montage
 from fkd_core.examples import LabelledRow, assign_split
 from fkd_core.image_io import join_uri
-from fkd_core.metrics import summarise
+from fkd_core.metrics import by_pose, summarise
 from fkd_core.parquet_io import write_json, write_table
 from fkd_core.plots import png_bytes
 from flows._common import IO_RETRIES, cached_predictor, chunks, markdown_table
@@ -68,6 +68,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     metrics["mse"] = float(np.mean([r.mse for r in matched])) if matched else float("nan")
     metrics["errors"] = sum(r.status == "error" for r in results)
     metrics["refused_rows"] = len(refused)
+    # where the failures are: frontal-ish faces against profiles (yaw of the labelled points)
+    pose = by_pose(nme, face_yaw(matched), face_yaw(results))
     doc = {
         "model_id": loaded.model_id,
         "csv": cfg.csv,
@@ -77,13 +79,15 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "val_fraction": val_fraction,
         "seed": seed,
         "metrics": metrics,
+        "by_pose": pose,
     }
     write_json(doc, join_uri(cfg.out, "metrics.json"))
     write_table(results_table(results), join_uri(cfg.out, "faces.parquet"))
     if cfg.worst and matched:
         with fsspec.open(join_uri(cfg.out, "worst.png"), "wb") as f:
             f.write(png_bytes(worst_montage(results, cfg.images, cfg.worst)))
-    row = {"model": loaded.model_id, "split": f"{cfg.split} ({split_by})", **metrics}
-    create_table_artifact(key="evaluate-metrics", table=[row], description="fkd end-to-end metrics")
-    log.info("metrics:\n%s", markdown_table([row]))
+    row = {"model": loaded.model_id, "split": f"{cfg.split} ({split_by})", "pose": "all", **metrics}
+    rows = [row] + [{"model": loaded.model_id, "split": row["split"], **p} for p in pose]
+    create_table_artifact(key="evaluate-metrics", table=rows, description="fkd end-to-end metrics, by pose")
+    log.info("metrics:\n%s", markdown_table(rows))
     return doc

@@ -66,6 +66,14 @@ def test_evaluate_scores_the_shipped_model_end_to_end(tmp_path, sample_dir, samp
     assert np.mean(matched) == pytest.approx(m["nme_mean"])
     worst = cv2.imread(str(tmp_path / "worst.png"))
     assert worst is not None and worst.shape[1] == 6 * 200
+    # the pose breakdown partitions the faces, and agrees with the per-face Parquet
+    pose = {p["pose"]: p for p in doc["by_pose"]}
+    frontal, profile = pose["frontal (yaw within ±0.5)"], pose["turned (yaw beyond ±0.5)"]
+    assert frontal["faces"] + profile["faces"] == 60 and frontal["faces"] > 0
+    yaws = np.abs(np.array(faces.column("yaw").to_pylist()))
+    nmes = np.array([np.nan if n is None else n for n in faces.column("nme").to_pylist()])
+    assert frontal["faces"] == np.sum(yaws < 0.5)
+    assert frontal["nme_mean"] == pytest.approx(np.nanmean(nmes[yaws < 0.5]))
     val = evaluate(
         EvaluateConfig(
             csv=str(sample_csv),
