@@ -104,7 +104,7 @@ def evaluate_arrays(
 ) -> tuple[float, float]:
     """Validation (MSE on normalised keypoints, mean NME) of un-augmented crops.
 
-    With ``align`` the model is a refining stage, run as at inference (``align.refine_passes``) from ``first``,
+    With ``align`` the model is a refining stage, run as at inference (``fkd_core.align.refine_passes``) from ``first``,
     the first stage's keypoints (N, 68, 2) in canonical-crop pixels; its MSE is measured in the last pass's
     aligned crop, like its training loss.
     """
