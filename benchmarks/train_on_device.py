@@ -305,7 +305,8 @@ def assemble(
     from fkd_core.examples import CANONICAL_MARGIN, inner_fraction
     from fkd_core.model import NaimishNet
     from fkd_core.parquet_io import read_examples
-    from flows.train import TrainConfig, data_fingerprint, val_nme
+    from fkd_core.train import History
+    from flows.train import TrainConfig, checkpoint_record, data_fingerprint, val_nme
 
     doc = json.loads(Path(runs_json).read_text())
     log = doc["runs"][name]
@@ -342,13 +343,11 @@ def assemble(
         context_size=val[0].shape[-1],
     )
     nme = val_nme(LoadedModel(first, shipped.policy, shipped.detector, "", {}, refine, align), val, inner_fraction())
-    h2 = log["stage2"]
-    best = next(e for e in h2["epochs"] if e["epoch"] == h2["best_epoch"])
     cfg = TrainConfig(
         examples=examples,
         name=Path(out).name,
         out_dir=str(Path(out).parent),
-        epochs=len(h2["epochs"]),
+        epochs=len(log["stage2"]["epochs"]),
         lr=spec.get("lr", 1e-3),
         patience=10**6,
         seed=spec.get("seed", 0),
@@ -356,30 +355,15 @@ def assemble(
         refine_of=refine_of,
         device="cuda",
     )
-    timing = doc.get("timing") or {}
-    meta = {
-        "data": fingerprint,
-        "seed": cfg.seed,
-        "train": {
-            **cfg.model_dump(),
-            "inner": inner_fraction(),
-            "stopped_early": False,
-            "best_epoch": h2["best_epoch"],
-            "epochs_run": len(h2["epochs"]),
-            "seconds": round(log["seconds"], 1),
-            "trained_on": f"{gpu or timing.get('device', 'a GPU')} (benchmarks/train_on_device.py run {name}: "
-            "fkd_core.train.fit, device='cuda'); history measured on the packed JPEG-q90 crops",
-        },
-        "metrics": {
-            "val_mse": best["val_mse"],
-            "val_nme": nme,
-            "train_mse": best["train_mse"],
-            "val_nme_packed_crops": best["val_nme"],
-        },
-        "history": h2,
-        "refine_of": first_meta,
-        "float16_val_nme": nme,
-    }
+    history = History.from_dict(log["stage2"])
+    meta = checkpoint_record(cfg, fingerprint, inner_fraction(), history, log["seconds"])
+    meta["train"]["trained_on"] = (
+        f"{gpu or (doc.get('timing') or {}).get('device', 'a GPU')} (benchmarks/train_on_device.py run {name}: "
+        "fkd_core.train.fit, device='cuda'); history measured on the packed JPEG-q90 crops"
+    )
+    # validation NME re-measured here on the original crops (the history's is on the packed ones)
+    meta["metrics"] |= {"val_nme": nme, "val_nme_packed_crops": history.best.val_nme}
+    meta |= {"refine_of": first_meta, "float16_val_nme": nme}
     model_id = save_checkpoint(
         first,
         f"{out}.safetensors",

@@ -62,17 +62,18 @@ def yaw(true_xy: np.ndarray) -> np.ndarray:
     return ((nose - left) - (right - nose)) / np.maximum(np.abs(right - left), 1e-9)
 
 
-def by_pose(nme: np.ndarray, yaw_matched: np.ndarray, yaw_all: np.ndarray, threshold: float = 0.10) -> list[dict]:
+def by_pose(nme: np.ndarray, yaws: np.ndarray, threshold: float = 0.10) -> list[dict]:
     """``summarise`` per pose: frontal (|yaw| < PROFILE_YAW) and turned faces (profiles, strongly turned heads).
 
-    ``nme``/``yaw_matched`` are the matched faces', ``yaw_all`` every labelled face's (unmatched faces count as
+    ``nme`` and ``yaws`` are per labelled face, ``nme`` NaN where the face was not matched (such faces count as
     failures in their group)."""
     nme = np.asarray(nme, np.float64)
-    ym, ya = np.abs(np.asarray(yaw_matched, np.float64)), np.abs(np.asarray(yaw_all, np.float64))
+    turned = np.abs(np.asarray(yaws, np.float64)) >= PROFILE_YAW
+    matched = np.isfinite(nme)
     rows = []
-    for pose, keep_m, keep_a in (
-        (f"frontal (yaw within ±{PROFILE_YAW})", ym < PROFILE_YAW, ya < PROFILE_YAW),
-        (f"turned (yaw beyond ±{PROFILE_YAW})", ym >= PROFILE_YAW, ya >= PROFILE_YAW),
+    for pose, group in (
+        (f"frontal (yaw within ±{PROFILE_YAW})", ~turned),
+        (f"turned (yaw beyond ±{PROFILE_YAW})", turned),
     ):
-        rows.append({"pose": pose, **summarise(nme[keep_m], int(keep_a.sum()), threshold)})
+        rows.append({"pose": pose, **summarise(nme[group & matched], int(group.sum()), threshold)})
     return rows

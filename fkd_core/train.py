@@ -64,6 +64,10 @@ class History:
             "stopped_early": self.stopped_early,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> History:
+        return cls([EpochStats(**e) for e in d["epochs"]], d["best_epoch"], d["stopped_early"])
+
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)

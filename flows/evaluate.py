@@ -68,8 +68,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     metrics["mse"] = float(np.mean([r.mse for r in matched])) if matched else float("nan")
     metrics["errors"] = sum(r.status == "error" for r in results)
     metrics["refused_rows"] = len(refused)
-    # where the failures are: frontal-ish faces against profiles (yaw of the labelled points)
-    pose = by_pose(nme, face_yaw(matched), face_yaw(results))
+    # where the failures are: frontal faces against turned heads (yaw of the labelled points)
+    pose = by_pose(np.array([r.nme if r.status == "matched" else np.nan for r in results]), face_yaw(results))
     doc = {
         "model_id": loaded.model_id,
         "csv": cfg.csv,

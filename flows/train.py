@@ -24,7 +24,7 @@ from fkd_core.metrics import nme_per_face
 from fkd_core.model import NaimishNetConfig
 from fkd_core.parquet_io import dataset, read_examples, read_json
 from fkd_core.plots import loss_curve_png
-from fkd_core.train import EpochStats, TrainParams, evaluate_arrays, fit, predict_canonical
+from fkd_core.train import EpochStats, History, TrainParams, evaluate_arrays, fit, predict_canonical
 
 
 class TrainConfig(BaseModel):
@@ -124,6 +124,25 @@ def val_nme(loaded: LoadedModel, val_xy: tuple[np.ndarray, np.ndarray], inner: f
     return evaluate_arrays(loaded.refine, *val_xy, inner, align=loaded.align, first=first)[1]
 
 
+def checkpoint_record(cfg: TrainConfig, fingerprint: dict, inner: float, history: History, seconds: float) -> dict:
+    """What a checkpoint's JSON records of its training run: data, seed, recipe, best-epoch metrics, history."""
+    best = history.best
+    return {
+        "data": fingerprint,
+        "seed": cfg.seed,
+        "train": {
+            **cfg.model_dump(),
+            "inner": inner,
+            "stopped_early": history.stopped_early,
+            "best_epoch": history.best_epoch,
+            "epochs_run": len(history.epochs),
+            "seconds": round(seconds, 1),
+        },
+        "metrics": {"val_mse": best.val_mse, "val_nme": best.val_nme, "train_mse": best.train_mse},
+        "history": history.to_dict(),
+    }
+
+
 @flow(name="train")
 def train(cfg: TrainConfig) -> dict:
     """Train, early-stop on validation NME, and save the best checkpoint (float16 if it loses nothing)."""
@@ -216,20 +235,7 @@ def train(cfg: TrainConfig) -> dict:
     create_table_artifact(key="train-history", table=rows, description=f"{cfg.name}: MSE per epoch")
 
     weights = f"{cfg.out_dir.rstrip('/')}/{cfg.name}.safetensors"
-    meta = {
-        "data": fingerprint,
-        "seed": cfg.seed,
-        "train": {
-            **cfg.model_dump(),
-            "inner": inner,
-            "stopped_early": history.stopped_early,
-            "best_epoch": history.best_epoch,
-            "epochs_run": len(history.epochs),
-            "seconds": round(time.perf_counter() - t0, 1),
-        },
-        "metrics": {"val_mse": best.val_mse, "val_nme": best.val_nme, "train_mse": best.train_mse},
-        "history": history.to_dict(),
-    }
+    meta = checkpoint_record(cfg, fingerprint, inner, history, time.perf_counter() - t0)
     detector = DetectorConfig()
     stages: dict = {"model": model}
     if first is not None:

@@ -37,9 +37,8 @@ def test_yaw_is_zero_frontal_and_one_with_the_nose_at_an_eye_corner():
 
 
 def test_by_pose_splits_faces_and_counts_unmatched_ones_in_their_group():
-    nme = np.array([0.05, 0.2, 0.04])
-    y_matched = np.array([0.1, -0.8, 0.6])
-    y_all = np.array([0.1, -0.8, 0.6, 0.2])  # the fourth face was not detected
-    frontal, profile = by_pose(nme, y_matched, y_all)
+    nme = np.array([0.05, 0.2, 0.04, np.nan])  # the fourth face was not detected
+    y = np.array([0.1, -0.8, 0.6, 0.2])
+    frontal, profile = by_pose(nme, y)
     assert frontal["faces"] == 2 and frontal["nme_mean"] == pytest.approx(0.05) and frontal["fr@0.10"] == 0.5
     assert profile["faces"] == 2 and profile["nme_mean"] == pytest.approx(0.12) and profile["fr@0.10"] == 0.5
