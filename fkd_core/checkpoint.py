@@ -115,6 +115,8 @@ def load_checkpoint(weights_uri: str | Path = DEFAULT_MODEL) -> LoadedModel:
         # stored by file name (see save_checkpoint): resolve it next to the default cascade
         default = Path(DetectorConfig().cascade)
         det["cascade"] = str(default.parent / Path(det.get("cascade") or default.name).name)
+        # checkpoints written before the fallback pass existed were measured without it
+        det.setdefault("fallback_min_neighbors", 0)
         detector = DetectorConfig(**det)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{weights_uri}: invalid checkpoint config: {e}") from e

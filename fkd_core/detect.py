@@ -30,6 +30,20 @@ class DetectorConfig:
     # Images are detected at most this long on their longer side (boxes are scaled back), which bounds
     # detection time on large photos; 0 disables the downscale.
     max_side: int = 1024
+    # When an image yields no box at ``min_neighbors``, detect once more at this looser value (0: never). Images
+    # with a face found are untouched, so crowded photos gain no false boxes; see README ("Haar settings").
+    fallback_min_neighbors: int = 3
+
+    def __post_init__(self) -> None:
+        if self.scale_factor <= 1.0 or self.min_neighbors < 0 or self.min_size < 1 or self.max_side < 0:
+            raise ValueError(
+                f"invalid detector config {self}: scale_factor > 1, min_neighbors >= 0, min_size >= 1, max_side >= 0"
+            )
+        if not 0 <= self.fallback_min_neighbors < max(self.min_neighbors, 1):
+            raise ValueError(
+                f"fallback_min_neighbors must be 0 (off) or below min_neighbors ({self.min_neighbors}), "
+                f"got {self.fallback_min_neighbors}"
+            )
 
 
 _local = threading.local()
@@ -67,9 +81,14 @@ def detect_faces(gray: np.ndarray, cfg: DetectorConfig = DetectorConfig()) -> li
         scale = cfg.max_side / max(h, w)
         img = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     min_size = max(1, round(cfg.min_size * scale)) if scale < 1 else cfg.min_size
-    found = load_cascade(cfg.cascade).detectMultiScale(
+    cascade = load_cascade(cfg.cascade)
+    found = cascade.detectMultiScale(
         img, scaleFactor=cfg.scale_factor, minNeighbors=cfg.min_neighbors, minSize=(min_size, min_size)
     )
+    if len(found) == 0 and cfg.fallback_min_neighbors:
+        found = cascade.detectMultiScale(
+            img, scaleFactor=cfg.scale_factor, minNeighbors=cfg.fallback_min_neighbors, minSize=(min_size, min_size)
+        )
     boxes = [Box(*(round(float(v) / scale) for v in b)) for b in np.asarray(found).reshape(-1, 4)]
     # detectMultiScale collects candidates from parallel threads, so its raw order varies from run to run;
     # a fixed order (largest face first, then left to right, top to bottom) makes face_index reproducible.

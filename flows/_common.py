@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from typing import TypeVar
@@ -38,18 +40,20 @@ FIRST_STAGE_SUFFIX = "+first-stage"
 def cached_predictor(model: str, refine: bool = True) -> tuple[Predictor, LoadedModel]:
     """One predictor per checkpoint and process (and per long-lived Dask worker), built on first use.
 
-    Keyed by the weights' sha256 from the checkpoint's JSON as well as the path, so a checkpoint retrained in
-    place is picked up instead of the stale cached one.
+    Keyed by a digest of the checkpoint's JSON (which names the weights' sha256 and holds the detector settings)
+    as well as the path, so a checkpoint retrained or re-configured in place is picked up instead of the stale
+    cached one.
 
     With ``refine=False`` a two-stage checkpoint runs its first stage only (faster, less accurate); its model id
     then ends in ``+first-stage``, so its keypoints are never mistaken for the full pipeline's.
     """
     doc = read_json(config_uri(model)) or {}
-    return _predictor(model, doc.get("weights_sha256"), refine)
+    digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    return _predictor(model, digest, refine)
 
 
 @lru_cache(maxsize=4)
-def _predictor(model: str, weights_sha256: str | None, refine: bool = True) -> tuple[Predictor, LoadedModel]:
+def _predictor(model: str, config_digest: str, refine: bool = True) -> tuple[Predictor, LoadedModel]:
     loaded = load_checkpoint(model)
     if not refine and loaded.refine is not None:
         loaded = dataclasses.replace(loaded, refine=None, align=None, model_id=loaded.model_id + FIRST_STAGE_SUFFIX)

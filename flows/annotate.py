@@ -7,6 +7,8 @@ import hashlib
 import secrets
 import sys
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
@@ -129,16 +131,18 @@ def _annotate(cfg: AnnotateConfig) -> dict:
     run_id = cfg.run_id or new_run_id()
     run_uri = join_uri(cfg.out, "runs", f"{run_id}.json")
     plan_uri = join_uri(cfg.out, "runs", f"{run_id}.plan.parquet")
-    model_id = cached_predictor(cfg.model, cfg.refine)[
-        1
-    ].model_id  # fail fast on a bad checkpoint, before anything is written
+    loaded = cached_predictor(cfg.model, cfg.refine)[1]  # fail fast on a bad checkpoint, before anything is written
+    model_id = loaded.model_id
+    # the detector settings travel in the checkpoint's JSON; the run records the ones it used
+    detector = asdict(loaded.detector) | {"cascade": Path(loaded.detector.cascade).name}
     previous = read_json(run_uri)
     if previous is not None and exists(plan_uri):
-        if previous.get("model_id", model_id) != model_id:
-            raise ValueError(
-                f"run {run_id} was started with model {previous['model_id']}; resume it with that checkpoint "
-                f"or start a new run id (this one is {model_id})"
-            )
+        for key, what, now in (("model_id", "model", model_id), ("detector", "detector settings", detector)):
+            if previous.get(key, now) != now:
+                raise ValueError(
+                    f"run {run_id} was started with {what} {previous[key]}; resume it with that checkpoint "
+                    f"or start a new run id (this one is {now})"
+                )
         # A rerun of a run id keeps its original plan, so shards mean the same images as before.
         shards = load_plan(plan_uri)
         log.info("resuming run %s: %d shards planned", run_id, len(shards))
@@ -158,6 +162,7 @@ def _annotate(cfg: AnnotateConfig) -> dict:
                 "status": "running",
                 "config": cfg.model_dump(),
                 "model_id": model_id,
+                "detector": detector,
                 "skipped_existing": skipped,
                 "started_at": dt.datetime.now(dt.UTC).isoformat(),
             },
@@ -204,6 +209,7 @@ def _annotate(cfg: AnnotateConfig) -> dict:
             "status": "completed",
             "config": cfg.model_dump(),
             "model_id": model_id,
+            "detector": detector,
             "source": cfg.source,
             "shards": len(shards),
             "shards_run_now": len(pending),

@@ -30,6 +30,17 @@ def test_round_trip_keeps_weights_policy_and_detector(tmp_path):
     x = torch.rand(2, 1, 96, 96)
     assert torch.equal(loaded.model(x), model(x))
     assert loaded.meta["seed"] == 3
+    assert loaded.detector.fallback_min_neighbors == 3
+    # a checkpoint written before the fallback pass existed loads without it (as it was measured)
+    cfg = tmp_path / "m.json"
+    doc = json.loads(cfg.read_text())
+    del doc["detector"]["fallback_min_neighbors"]
+    cfg.write_text(json.dumps(doc))
+    assert load_checkpoint(uri).detector.fallback_min_neighbors == 0
+    doc["detector"]["fallback_min_neighbors"] = 4  # not below min_neighbors
+    cfg.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="fallback_min_neighbors"):
+        load_checkpoint(uri)
 
 
 def test_float16_checkpoint_is_close(tmp_path):

@@ -45,3 +45,28 @@ def test_match_box_prefers_the_nearest_centre_containing_the_point():
     assert match_box(boxes, 54, 54) == 1
     assert match_box(boxes, 10, 10) == 0
     assert match_box(boxes, 150, 150) is None
+
+
+def test_fallback_pass_finds_a_face_the_strict_pass_misses_and_only_then(sample_dir, beatles):
+    # a real training frame (Sally_Ride_40, labelled keypoint centroid about (70, 48)) where the cascade
+    # finds nothing at min_neighbors 5
+    gray = cv2.imread(str(sample_dir / "hard" / "Sally_Ride_40.jpg"), cv2.IMREAD_GRAYSCALE)
+    assert detect_faces(gray, DetectorConfig(fallback_min_neighbors=0)) == []
+    boxes = detect_faces(gray, DetectorConfig(fallback_min_neighbors=3))
+    assert len(boxes) == 1 and match_box(boxes, 70.3, 48.2) == 0
+    assert DetectorConfig().fallback_min_neighbors == 3  # the default, chosen by measurement (README)
+    # an image with faces found at min_neighbors 5 is not searched again, so it gains no false boxes
+    assert detect_faces(beatles, DetectorConfig(fallback_min_neighbors=1)) == detect_faces(
+        beatles, DetectorConfig(fallback_min_neighbors=0)
+    )
+    # nor does a flat image get one
+    assert detect_faces(np.full((200, 200), 127, np.uint8), DetectorConfig(fallback_min_neighbors=1)) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"fallback_min_neighbors": 5}, {"fallback_min_neighbors": -1}, {"scale_factor": 1.0}, {"min_size": 0}],
+)
+def test_detector_config_refuses_bad_values_naming_them(kwargs):
+    with pytest.raises(ValueError, match="fallback_min_neighbors|scale_factor"):
+        DetectorConfig(**kwargs)

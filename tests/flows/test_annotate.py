@@ -92,6 +92,14 @@ def test_rerun_of_a_finished_run_does_nothing_and_incremental_skips_known_images
         annotate(
             AnnotateConfig(source=str(src), out=str(out), model=model_path, shard_size=2, run_id="a", refine=False)
         )
+    # the same weights with other detector settings (they travel in the checkpoint JSON) find other boxes
+    doc = json.loads(Path(model_path).with_suffix(".json").read_text())
+    doc["detector"]["fallback_min_neighbors"] = 0
+    other.with_suffix(".json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="was started with detector settings .*'fallback_min_neighbors': 3"):
+        annotate(AnnotateConfig(source=str(src), out=str(out), model=str(other), shard_size=2, run_id="a"))
+    run = json.loads((out / "runs" / "a.json").read_text())
+    assert run["detector"]["fallback_min_neighbors"] == 3 and run["detector"]["min_neighbors"] == 5
     fast = tmp_path / "fast"
     one = annotate(AnnotateConfig(source=str(src), out=str(fast), model=model_path, shard_size=2, refine=False))
     assert one["model_id"] == again["model_id"] + "+first-stage"

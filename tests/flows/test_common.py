@@ -16,6 +16,12 @@ def test_cached_predictor_reloads_a_checkpoint_retrained_in_place(tmp_path):
     torch.manual_seed(2)
     b = save_checkpoint(NaimishNet(), path, policy=CropPolicy(), detector=DetectorConfig(), meta={})
     assert a != b and cached_predictor(path)[1].model_id == b
+    # the same weights with other detector settings in the JSON are picked up too
+    torch.manual_seed(2)
+    assert b == save_checkpoint(
+        NaimishNet(), path, policy=CropPolicy(), detector=DetectorConfig(fallback_min_neighbors=0), meta={}
+    )
+    assert cached_predictor(path)[1].detector.fallback_min_neighbors == 0
 
 
 def test_chunks_and_markdown_table():
