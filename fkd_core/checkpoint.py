@@ -70,9 +70,6 @@ def save_checkpoint(
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fsspec.open(weights_uri, "wb") as f:
         f.write(blob)
-    detector_d = asdict(detector)
-    # Store the cascade by file name so the checkpoint is portable; it is resolved against detector_architectures/.
-    detector_d["cascade"] = Path(detector.cascade).name
     doc = {
         "format": FORMAT,
         "name": name,
@@ -81,7 +78,7 @@ def save_checkpoint(
         "dtype": str(dtype).removeprefix("torch."),
         "model": model.cfg.to_dict(),
         "crop_policy": asdict(policy),
-        "detector": detector_d,
+        "detector": detector.to_record(),
         **meta,
     }
     if refine is not None:
@@ -111,13 +108,7 @@ def load_checkpoint(weights_uri: str | Path = DEFAULT_MODEL) -> LoadedModel:
         refine_cfg = NaimishNetConfig.from_dict(refine_doc["model"]) if refine_doc else None
         align = AlignPolicy(**refine_doc["align"]) if refine_doc else None
         policy = CropPolicy(**doc["crop_policy"])
-        det = dict(doc["detector"])
-        # stored by file name (see save_checkpoint): resolve it next to the default cascade
-        default = Path(DetectorConfig().cascade)
-        det["cascade"] = str(default.parent / Path(det.get("cascade") or default.name).name)
-        # checkpoints written before the fallback pass existed were measured without it
-        det.setdefault("fallback_min_neighbors", 0)
-        detector = DetectorConfig(**det)
+        detector = DetectorConfig.from_record(doc["detector"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{weights_uri}: invalid checkpoint config: {e}") from e
     try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -44,6 +44,21 @@ class DetectorConfig:
                 f"fallback_min_neighbors must be 0 (off) or below min_neighbors ({self.min_neighbors}), "
                 f"got {self.fallback_min_neighbors}"
             )
+
+    def to_record(self) -> dict:
+        """The settings as checkpoints, ingest reports and run records store them: the cascade by file name, so the
+        record is portable."""
+        return asdict(self) | {"cascade": Path(self.cascade).name}
+
+    @classmethod
+    def from_record(cls, record: dict) -> DetectorConfig:
+        """Settings from a stored record. The cascade is resolved by file name next to the default cascade; a record
+        written before the fallback pass existed means no fallback pass, as the record's data was made without one.
+        """
+        d = dict(record)
+        d["cascade"] = str(DEFAULT_CASCADE.parent / Path(d.get("cascade") or DEFAULT_CASCADE.name).name)
+        d.setdefault("fallback_min_neighbors", 0)
+        return cls(**d)
 
 
 _local = threading.local()

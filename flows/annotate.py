@@ -7,8 +7,6 @@ import hashlib
 import secrets
 import sys
 import time
-from dataclasses import asdict
-from pathlib import Path
 
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
@@ -134,7 +132,7 @@ def _annotate(cfg: AnnotateConfig) -> dict:
     loaded = cached_predictor(cfg.model, cfg.refine)[1]  # fail fast on a bad checkpoint, before anything is written
     model_id = loaded.model_id
     # the detector settings travel in the checkpoint's JSON; the run records the ones it used
-    detector = asdict(loaded.detector) | {"cascade": Path(loaded.detector.cascade).name}
+    detector = loaded.detector.to_record()
     previous = read_json(run_uri)
     if previous is not None and exists(plan_uri):
         for key, what, now in (("model_id", "model", model_id), ("detector", "detector settings", detector)):

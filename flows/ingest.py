@@ -113,7 +113,7 @@ def ingest(cfg: IngestConfig) -> dict:
         "boxes_from_keypoints": from_keypoints,
         "box_mapping": mapping.to_dict(),
         "crop_policy": asdict(settings.policy),
-        "detector": asdict(settings.detector),
+        "detector": settings.detector.to_record(),
         "canonical_size": settings.canonical_size,
         "canonical_margin": settings.canonical_margin,
         "split_by": cfg.split_by,

@@ -98,6 +98,8 @@ def data_fingerprint(examples: str) -> dict:
         "n_train": int(pc.sum(pc.equal(tbl.column("split"), "train")).as_py() or 0),
         "n_val": int(pc.sum(pc.equal(tbl.column("split"), "val")).as_py() or 0),
         "split": {k: report.get(k) for k in ("split_by", "val_fraction", "seed")},
+        # the detector that cut the crops, which the checkpoint's inference must use too
+        "detector": DetectorConfig.from_record(report["detector"]).to_record() if report.get("detector") else None,
     }
 
 
@@ -236,7 +238,7 @@ def train(cfg: TrainConfig) -> dict:
 
     weights = f"{cfg.out_dir.rstrip('/')}/{cfg.name}.safetensors"
     meta = checkpoint_record(cfg, fingerprint, inner, history, time.perf_counter() - t0)
-    detector = DetectorConfig()
+    detector = DetectorConfig.from_record(fingerprint["detector"]) if fingerprint["detector"] else DetectorConfig()
     stages: dict = {"model": model}
     if first is not None:
         # the file holds the first stage as trained and this run's model as its refining stage

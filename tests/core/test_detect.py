@@ -70,3 +70,14 @@ def test_fallback_pass_finds_a_face_the_strict_pass_misses_and_only_then(sample_
 def test_detector_config_refuses_bad_values_naming_them(kwargs):
     with pytest.raises(ValueError, match="fallback_min_neighbors|scale_factor"):
         DetectorConfig(**kwargs)
+
+
+def test_detector_record_round_trip_is_portable_and_reads_old_records():
+    cfg = DetectorConfig(scale_factor=1.2, min_neighbors=4, fallback_min_neighbors=2)
+    rec = cfg.to_record()
+    assert rec["cascade"] == "haarcascade_frontalface_default.xml"  # a file name, resolved where it is read
+    assert DetectorConfig.from_record(rec) == cfg
+    old = {k: v for k, v in rec.items() if k != "fallback_min_neighbors"}
+    assert DetectorConfig.from_record(old).fallback_min_neighbors == 0  # made before the fallback pass existed
+    with pytest.raises(TypeError, match="min_neighbours"):
+        DetectorConfig.from_record({**rec, "min_neighbours": 3})

@@ -1,4 +1,6 @@
 import json
+import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -47,6 +49,22 @@ def test_train_writes_a_deterministic_checkpoint_with_its_record(tmp_path, examp
     assert c["model_id"] != a["model_id"]
     loaded = load_checkpoint(str(tmp_path / "a" / "tiny.safetensors"))
     assert loaded.model_id == a["model_id"]
+
+
+def test_train_records_the_detector_that_cut_its_crops(tmp_path, examples):
+    # the ingest report names the detector settings; a checkpoint must run the same ones at inference
+    src = Path(examples).parent
+    report = json.loads((src / "ingest_report.json").read_text())
+    assert report["detector"] == DetectorConfig().to_record()
+    assert report["detector"]["cascade"] == "haarcascade_frontalface_default.xml"
+    copy = tmp_path / "ingested"
+    shutil.copytree(src, copy)
+    report["detector"] = {**report["detector"], "min_neighbors": 4, "fallback_min_neighbors": 2}
+    (copy / "ingest_report.json").write_text(json.dumps(report))
+    train(TrainConfig(examples=str(copy / "examples"), out_dir=str(tmp_path), name="d", epochs=1, threads=1))
+    loaded = load_checkpoint(str(tmp_path / "d.safetensors"))
+    assert (loaded.detector.min_neighbors, loaded.detector.fallback_min_neighbors) == (4, 2)
+    assert loaded.meta["data"]["detector"]["min_neighbors"] == 4
 
 
 def test_evaluate_scores_the_shipped_model_end_to_end(tmp_path, sample_dir, sample_csv, model_path):
