@@ -72,6 +72,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     pose = by_pose(np.array([r.nme if r.status == "matched" else np.nan for r in results]), face_yaw(results))
     doc = {
         "model_id": loaded.model_id,
+        "detector": loaded.detector.to_record(),  # part of the pipeline scored: it decides which faces are found
         "csv": cfg.csv,
         "images": cfg.images,
         "split": cfg.split,

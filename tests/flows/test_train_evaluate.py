@@ -75,6 +75,8 @@ def test_evaluate_scores_the_shipped_model_end_to_end(tmp_path, sample_dir, samp
     )
     m = doc["metrics"]
     assert m["faces"] == 60 and m["detection_rate"] > 0.9
+    assert doc["detector"] == load_checkpoint(model_path).detector.to_record()
+    assert doc["detector"]["fallback_min_neighbors"] == 3
     # the shipped model is far better than a mean shape (about 0.15-0.2 on this data)
     assert m["nme_mean"] < 0.12 and m["fr@0.10"] < 0.5
     faces = pq.read_table(tmp_path / "faces.parquet")
