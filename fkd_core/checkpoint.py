@@ -16,11 +16,12 @@ from fkd_core.detect import DetectorConfig
 from fkd_core.errors import CheckpointError
 from fkd_core.geometry import CropPolicy
 from fkd_core.model import NaimishNet, NaimishNetConfig
-from fkd_core.parquet_io import read_json, write_json
+from fkd_core.parquet_io import exists, read_json, write_bytes, write_json
+from fkd_core.resources import shipped_dir
 
 FORMAT = "fkd-naimishnet/1"
 REFINE_PREFIX = "refine."  # tensor names of the optional second (refining) stage in the same file
-SAVED_MODELS = Path(__file__).resolve().parent.parent / "saved_models"
+SAVED_MODELS = shipped_dir("saved_models")
 DEFAULT_MODEL = SAVED_MODELS / "naimishnet.safetensors"
 
 
@@ -66,10 +67,7 @@ def save_checkpoint(
     blob = st_save(tensors, metadata={"format": FORMAT})
     digest = hashlib.sha256(blob).hexdigest()
     name = weights_uri.rsplit("/", 1)[-1][: -len(".safetensors")]
-    fs, path = fsspec.core.url_to_fs(config_uri(weights_uri))
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fsspec.open(weights_uri, "wb") as f:
-        f.write(blob)
+    write_bytes(blob, weights_uri)
     doc = {
         "format": FORMAT,
         "name": name,
@@ -90,9 +88,12 @@ def save_checkpoint(
 def load_checkpoint(weights_uri: str | Path = DEFAULT_MODEL) -> LoadedModel:
     """Rebuild a model from its checkpoint; refuses anything but safetensors and any config mismatch."""
     weights_uri = str(weights_uri)
-    doc = read_json(config_uri(weights_uri))
+    json_uri = config_uri(weights_uri)
+    if not exists(weights_uri):
+        raise CheckpointError(f"model {weights_uri} does not exist")
+    doc = read_json(json_uri)
     if doc is None:
-        raise CheckpointError(f"checkpoint config not found: {config_uri(weights_uri)}")
+        raise CheckpointError(f"model {weights_uri} has no config beside it ({json_uri} does not exist)")
     if doc.get("format") != FORMAT:
         raise CheckpointError(f"{weights_uri}: unknown checkpoint format {doc.get('format')!r}, expected {FORMAT!r}")
     try:

@@ -9,10 +9,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fkd_core.resources import shipped_dir
 from fkd_core.types import Box
 
-CASCADE_DIR = Path(__file__).resolve().parent.parent / "detector_architectures"
-# The repository ships the cascade; an installed (non-editable) package falls back to the identical file
+CASCADE_DIR = shipped_dir("detector_architectures")
+# fkd ships the cascade (in the package, or at the checkout root); failing that, the identical file
 # inside the OpenCV wheel.
 DEFAULT_CASCADE = CASCADE_DIR / "haarcascade_frontalface_default.xml"
 if not DEFAULT_CASCADE.is_file():  # pragma: no cover

@@ -17,7 +17,7 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from fkd_core.errors import ImageError
+from fkd_core.errors import BucketNotFound, ImageError, SourceNotFound
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # 50 megapixels: well above any camera photo we expect, far below what would exhaust a worker's memory.
@@ -49,16 +49,53 @@ def _to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return f"{protocol}://{path}"
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def check_bucket(uri: str, what: str = "bucket") -> None:
+    """On an object store, refuse a URI whose bucket does not exist (:class:`BucketNotFound`, naming it).
+
+    Local paths pass. fkd never creates a bucket: writing into a missing one would, on some stores, make it.
+    """
+    fs, path = url_to_fs(uri)
+    if is_local(fs):
+        return
+    bucket = path.split("/", 1)[0]
+    if not bucket or not fs.exists(bucket):
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        raise BucketNotFound(f"{what} {protocol}://{bucket} does not exist (for {uri}); fkd never creates buckets")
+
+
+def check_exists(uri: str, what: str, directory: bool = False) -> None:
+    """Refuse a path the user gave that does not exist, naming it (:class:`SourceNotFound`, or
+    :class:`BucketNotFound` for a missing bucket). A ``directory`` on an object store is a prefix, which exists as
+    soon as its bucket does."""
+    fs, path = url_to_fs(uri)
+    if not is_local(fs):
+        check_bucket(uri, f"{what} bucket")
+        if directory:
+            return
+    if not fs.exists(path):
+        raise SourceNotFound(f"{what} {uri} does not exist")
+
+
 def list_images(uri: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[str]:
     """List the image files under a directory or bucket prefix, sorted, as full URIs.
 
-    A URI that names a single image file gives a one-element list.
+    A URI that names a single image file gives a one-element list. An empty directory, or a bucket prefix
+    with no objects under it, gives an empty list (object stores have no directories); a missing local path
+    or a missing bucket raises a :class:`~fkd_core.errors.UserError` naming it.
     """
     fs, path = url_to_fs(uri)
     if fs.isfile(path):
         return [_to_uri(fs, path)]
     if not fs.isdir(path):
-        raise FileNotFoundError(f"no such directory or prefix: {uri}")
+        if is_local(fs):
+            raise SourceNotFound(f"source {uri} does not exist (no such directory or image file)")
+        check_bucket(uri, "source bucket")
+        return []
     exts = tuple(e.lower() for e in extensions)
     found = [p for p in fs.find(path) if p.lower().endswith(exts)]
     return sorted(_to_uri(fs, p) for p in found)
@@ -176,7 +213,7 @@ def iter_read(
     if not uris:
         return
     fs, _ = url_to_fs(uris[0])
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if is_local(fs):
         for u in uris:
             try:
                 yield u, read_bytes(u, max_bytes)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from fkd_core.image_io import join_uri, url_to_fs
+from fkd_core.image_io import is_local, join_uri, url_to_fs
 from fkd_core.types import NUM_KEYPOINTS
 
 KP_TYPE = pa.list_(pa.float32(), NUM_KEYPOINTS)
@@ -99,25 +99,27 @@ def write_table(table: pa.Table, uri: str, schema: pa.Schema | None = None) -> N
     """
     if schema is not None:
         table = validate(table, schema)
-    fs, path = url_to_fs(uri)
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    if _is_local(fs):
-        # Hidden and not ending in .parquet, so neither our readers nor a `*.parquet` glob ever see it.
-        tmp = f"{parent}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.tmp"
-        pq.write_table(table, tmp, filesystem=fs, compression="zstd")
-        fs.mv(tmp, path)
-    else:
-        pq.write_table(table, path, filesystem=fs, compression="zstd")
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes(sink.getvalue().to_pybytes(), uri)
 
 
 def write_json(obj: dict, uri: str) -> None:
     """Write a JSON document atomically (same rule as :func:`write_table`)."""
+    write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), uri)
+
+
+def write_bytes(data: bytes, uri: str) -> None:
+    """Write a whole file atomically: write-then-rename locally, one PUT on an object store.
+
+    Local parent directories are created; on an object store nothing is created but the object itself (a
+    missing bucket is an error, never made).
+    """
     fs, path = url_to_fs(uri)
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
-    if _is_local(fs):
+    if is_local(fs):
+        parent = path.rsplit("/", 1)[0]
+        fs.makedirs(parent, exist_ok=True)
+        # Hidden and not ending in .parquet, so neither our readers nor a `*.parquet` glob ever see it.
         tmp = f"{parent}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.tmp"
         fs.pipe_file(tmp, data)
         fs.mv(tmp, path)
@@ -136,11 +138,6 @@ def read_json(uri: str) -> dict | None:
 def exists(uri: str) -> bool:
     fs, path = url_to_fs(uri)
     return fs.exists(path)
-
-
-def _is_local(fs) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
 
 
 RUN_PARTITIONING = pads.partitioning(pa.schema([pa.field("run_id", pa.string())]), flavor="hive")

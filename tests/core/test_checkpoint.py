@@ -72,8 +72,12 @@ def test_tampered_or_unknown_files_are_refused(tmp_path):
     (tmp_path / "m.safetensors").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="sha256"):
         load_checkpoint(uri)
-    with pytest.raises(CheckpointError, match="not found"):
+    # a missing model is named as the user gave it, not by the JSON beside it
+    with pytest.raises(CheckpointError, match=r"^model .*/other\.safetensors does not exist$"):
         load_checkpoint(str(tmp_path / "other.safetensors"))
+    (tmp_path / "m.json").unlink()
+    with pytest.raises(CheckpointError, match=r"m\.safetensors has no config beside it \(.*m\.json does not exist"):
+        load_checkpoint(uri)
 
 
 def test_unknown_model_fields_are_refused():
