@@ -52,10 +52,10 @@ def bare_loop(uris: list[str], detector) -> float:
 
 
 def run_flow(source: str, out: str, shard_size: int, model: str) -> float:
-    from flows.annotate import AnnotateConfig, annotate
+    from flows.annotate import annotate
 
     t0 = time.perf_counter()
-    doc = annotate(AnnotateConfig(source=source, out=out, shard_size=shard_size, model=model, run_id="bench"))
+    doc = annotate(source=source, out=out, shard_size=shard_size, model=model, run_id="bench")
     seconds = time.perf_counter() - t0
     return doc["counts_this_attempt"]["images"] / seconds
 
@@ -63,14 +63,14 @@ def run_flow(source: str, out: str, shard_size: int, model: str) -> float:
 def ratio(args) -> dict:
     from fkd_core.checkpoint import load_checkpoint
     from fkd_core.image_io import list_images
-    from flows.annotate import AnnotateConfig, annotate
+    from flows.annotate import annotate
 
     detector = load_checkpoint(args.model).detector
     with tempfile.TemporaryDirectory() as tmp:
         corpus = make_corpus(Path(args.images), args.n, Path(tmp) / "in")
         uris = list_images(str(corpus))
         # warm up: the Prefect API, the model export, the page cache
-        annotate(AnnotateConfig(source=uris[0], out=f"{tmp}/warm", model=args.model))
+        annotate(source=uris[0], out=f"{tmp}/warm", model=args.model)
         bare_loop(uris[:200], detector)
         loop1 = bare_loop(uris, detector)
         results = {}
@@ -78,7 +78,7 @@ def ratio(args) -> dict:
             results[shard] = run_flow(str(corpus), f"{tmp}/out{shard}", shard, args.model)
         other = {}
         if args.compare_model:  # e.g. a one-stage checkpoint against the shipped two-stage one, same run
-            annotate(AnnotateConfig(source=uris[0], out=f"{tmp}/warm2", model=args.compare_model))
+            annotate(source=uris[0], out=f"{tmp}/warm2", model=args.compare_model)
             for shard in args.shard_size:
                 other[shard] = run_flow(str(corpus), f"{tmp}/cmp{shard}", shard, args.compare_model)
         loop2 = bare_loop(uris, detector)
@@ -108,8 +108,8 @@ def memory(args) -> dict:
             "import json, resource, time\n"
             "from flows.annotate import AnnotateConfig, annotate\n"
             "t0 = time.perf_counter()\n"
-            f"doc = annotate(AnnotateConfig(source={str(corpus)!r}, out={tmp + '/out'!r}, "
-            f"shard_size={args.shard_size[0]}, model={args.model!r}))\n"
+            f"doc = annotate(source={str(corpus)!r}, out={tmp + '/out'!r}, "
+            f"shard_size={args.shard_size[0]}, model={args.model!r})\n"
             "print(json.dumps({'images': doc['counts_this_attempt']['images'], "
             "'faces': doc['counts_this_attempt']['faces'], 'seconds': time.perf_counter() - t0, "
             "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"

@@ -10,6 +10,7 @@ import datetime as dt
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ class AnnotateSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
     threads: int = 0  # decode + detect threads per shard; 0 = one per core
+    model_every: int = 32  # images per batched model pass and per progress report (progress moves every <= 50)
 
 
 @dataclass
@@ -96,31 +98,62 @@ def _prepare(uri: str, data: bytes | ImageError, predictor: Predictor, s: Annota
     return img
 
 
-def annotate_images(uris: list[str], predictor: Predictor, s: AnnotateSettings = AnnotateSettings()) -> list[_Image]:
-    """Detect and crop every face of ``uris`` (threads overlap I/O, decode and Haar), then run the model once."""
+def annotate_images(
+    uris: list[str],
+    predictor: Predictor,
+    s: AnnotateSettings = AnnotateSettings(),
+    progress: Callable[[int], None] | None = None,
+) -> list[_Image]:
+    """Annotate ``uris``: threads overlap I/O, decoding and Haar; the model runs batched on every ``s.model_every``
+    images as they come.
+
+    Running the model as images come (instead of once per shard) keeps only that many images' crops in memory
+    and lets ``progress(n)`` report images that are really done, ``n`` at a time.
+    """
     threads = s.threads or os.cpu_count() or 1
     window = 4 * threads  # images in flight: bounds memory to a few decoded images, whatever the shard size
     images: list[_Image] = []
+    batch: list[_Image] = []
+
+    def take(img: _Image) -> None:
+        batch.append(img)
+        if len(batch) >= s.model_every:
+            flush()
+
+    def flush() -> None:
+        _run_model(batch, predictor)
+        images.extend(batch)
+        if progress is not None and batch:
+            progress(len(batch))
+        batch.clear()
+
     with ThreadPoolExecutor(threads) as pool:
         pending: deque = deque()
         for u, d in iter_read(uris, s.max_bytes, window):
             pending.append(pool.submit(_prepare, u, d, predictor, s))
             if len(pending) >= window:
-                images.append(pending.popleft().result())
-        images += [f.result() for f in pending]
-    crops = [c for im in images for c in im.crops]
-    if crops:
-        pred = predictor.predict_crops(np.stack(crops))  # (N, 68, 2) crop pixels
-        kps = np.stack([t.to_image(p) for t, p in zip((t for im in images for t in im.transforms), pred, strict=True)])
-        if predictor.refines:
-            contexts = np.stack([c for im in images for c in im.contexts])
-            kps = predictor.refine_keypoints(contexts, [t for im in images for t in im.context_transforms], kps)
-        i = 0
-        for im in images:
-            im.keypoints = list(kps[i : i + len(im.boxes)])
-            im.crops, im.contexts = [], []
-            i += len(im.boxes)
+                take(pending.popleft().result())
+        for f in pending:
+            take(f.result())
+    flush()
     return images
+
+
+def _run_model(images: list[_Image], predictor: Predictor) -> None:
+    """Keypoints, in original pixels, for every face of ``images`` (one batched pass per stage); frees the crops."""
+    crops = [c for im in images for c in im.crops]
+    if not crops:
+        return
+    pred = predictor.predict_crops(np.stack(crops))  # (N, 68, 2) crop pixels
+    kps = np.stack([t.to_image(p) for t, p in zip((t for im in images for t in im.transforms), pred, strict=True)])
+    if predictor.refines:
+        contexts = np.stack([c for im in images for c in im.contexts])
+        kps = predictor.refine_keypoints(contexts, [t for im in images for t in im.context_transforms], kps)
+    i = 0
+    for im in images:
+        im.keypoints = list(kps[i : i + len(im.boxes)])
+        im.crops, im.contexts = [], []
+        i += len(im.boxes)
 
 
 def tables(images: list[_Image], model_id: str, created_at: dt.datetime) -> tuple[pa.Table, pa.Table]:
@@ -167,10 +200,11 @@ def run_shard(
     predictor: Predictor,
     model_id: str,
     s: AnnotateSettings = AnnotateSettings(),
+    progress: Callable[[int], None] | None = None,
 ) -> ShardCounts:
     """Annotate one shard and write its parts; the ``images`` part goes last and marks the shard done."""
     t0 = time.perf_counter()
-    images = annotate_images(uris, predictor, s)
+    images = annotate_images(uris, predictor, s, progress)
     img_tbl, face_tbl = tables(images, model_id, dt.datetime.now(dt.UTC))
     write_table(face_tbl, part_uri(out, "faces", run_id, shard), FACES_SCHEMA)
     write_table(img_tbl, part_uri(out, "images", run_id, shard), IMAGES_SCHEMA)

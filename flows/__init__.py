@@ -8,3 +8,9 @@ import os
 # to connect to ephemeral Prefect API server". Wait longer unless the user chose a value. Set here, before
 # any flow module imports prefect, because Prefect reads its settings from the environment at import.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+
+# Prefect's anonymous telemetry stays off unless the user turns it on (on these machines every first start
+# otherwise logs "Failed to send telemetry" errors): DO_NOT_TRACK for the client, analytics off for the
+# temporary API server the CLI starts.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

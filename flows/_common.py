@@ -3,20 +3,38 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import inspect
 import json
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from typing import TypeVar
 
+from pydantic import BaseModel
+
 from fkd_core.checkpoint import LoadedModel, config_uri, load_checkpoint
+from fkd_core.errors import is_transient
 from fkd_core.parquet_io import read_json
 from fkd_core.predict import Predictor
 
 T = TypeVar("T")
 
-# (retries, delays) for tasks that touch storage.
-IO_RETRIES = (3, [2, 5, 15])
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry a failed task only if its error can heal (fkd_core.errors.is_transient).
+
+    A missing path, model or bucket, a bad config or a bug fails at once instead of three times over 22 s.
+    """
+    try:
+        state.result()
+    except Exception as e:  # noqa: BLE001 - the failed task's own exception, classified below
+        return is_transient(e)
+    return False
+
+
+# Options of every task that touches storage: three retries, spaced out, of transient failures only.
+IO_RETRY = {"retries": 3, "retry_delay_seconds": [2, 5, 15], "retry_condition_fn": retry_if_transient}
 
 
 def chunks(items: Sequence[T], size: int) -> Iterator[list[T]]:
@@ -58,3 +76,40 @@ def _predictor(model: str, config_digest: str, refine: bool = True) -> tuple[Pre
     if not refine and loaded.refine is not None:
         loaded = dataclasses.replace(loaded, refine=None, align=None, model_id=loaded.model_id + FIRST_STAGE_SUFFIX)
     return Predictor(loaded.model, loaded.policy, refine=loaded.refine, align=loaded.align), loaded
+
+
+def flat_parameters(cfg_cls: type[BaseModel]):
+    """Give a flow that works on one validated config flat parameters: the config's fields, one by one.
+
+    ``prefect deployment run 'annotate/on-demand' --param source=... --param out=...`` then works, the Prefect UI
+    shows each field with its description, and a call from Python reads ``annotate(source=..., out=...)``. The
+    config class stays the one place where fields, defaults and their checks are written; a bad value is
+    refused by it naming the field.
+    """
+
+    def decorate(impl):
+        params = [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=inspect.Parameter.empty if f.is_required() else f.default,
+                annotation=f.annotation,
+            )
+            for name, f in cfg_cls.model_fields.items()
+        ]
+        sig = inspect.Signature(params, return_annotation=dict)
+
+        @functools.wraps(impl)
+        def fn(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return impl(cfg_cls(**bound.arguments))
+
+        del fn.__wrapped__  # inspect.signature must see the flat signature, not impl's
+        fn.__signature__ = sig
+        fn.__annotations__ = {p.name: p.annotation for p in params} | {"return": dict}
+        args_doc = "\n".join(f"    {name}: {f.description or ''}".rstrip() for name, f in cfg_cls.model_fields.items())
+        fn.__doc__ = f"{(impl.__doc__ or '').strip()}\n\nArgs:\n{args_doc}\n"
+        return fn
+
+    return decorate

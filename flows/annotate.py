@@ -5,21 +5,23 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import secrets
-import sys
 import time
 
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.futures import as_completed
+from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field
 
 from fkd_core.annotate import AnnotateSettings, ShardCounts, run_shard
 from fkd_core.checkpoint import DEFAULT_MODEL
-from fkd_core.image_io import DEFAULT_MAX_PIXELS, join_uri, list_images
-from fkd_core.parquet_io import dataset, exists, part_uri, read_json, write_json, write_table
-from flows._common import IO_RETRIES, cached_predictor, chunks, markdown_table
+from fkd_core.errors import RunConflict
+from fkd_core.image_io import DEFAULT_MAX_PIXELS, check_bucket, check_exists, join_uri, list_images
+from fkd_core.parquet_io import dataset, exists, part_uri, read_json, write_table
+from fkd_core.runs import RunRecord, finished_counts
+from flows._common import IO_RETRY, cached_predictor, chunks, flat_parameters, markdown_table
+from flows.progress import ProgressBoard, progress_sink
 
 PLAN_SCHEMA = pa.schema(
     [pa.field("shard", pa.int32(), nullable=False), pa.field("image_uri", pa.string(), nullable=False)]
@@ -45,19 +47,47 @@ class AnnotateConfig(BaseModel):
     dask_address: str | None = Field(None, description="Run shards on this Dask scheduler (tcp://host:port)")
     workers: int = Field(1, ge=1, le=64, description="Shards at once with the local runner")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Refuse images with more pixels (pixel bombs)")
-    progress: bool = Field(False, description="Draw a progress bar on stderr")
+    progress: bool = Field(False, description="Draw a progress bar on stderr (the CLI sets it on a terminal)")
+    heartbeat_seconds: float = Field(
+        30.0, ge=0.1, le=3600, description="How often the run record's heartbeat is rewritten while the run lives"
+    )
 
 
 def new_run_id() -> str:
+    """A run id that sorts by start time.
+
+    Inside a Prefect flow run it is derived from that flow run (its creation time and id), so a flow run that
+    Prefect reschedules or retries (after a SIGTERM or a crash) resumes the same fkd run instead of starting
+    another beside the unfinished one.
+    """
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    run = ctx.flow_run if ctx is not None else None
+    if run is not None and run.created is not None:
+        # the id's random tail: Prefect's flow run ids are time-ordered (UUIDv7), their heads alike within a second
+        return run.created.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + run.id.hex[-8:]
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-@task(retries=IO_RETRIES[0], retry_delay_seconds=IO_RETRIES[1])
+def preflight(cfg: AnnotateConfig):
+    """What would make the run fail whatever it does, checked before anything is written; returns the model.
+
+    A missing source path, a missing source or output bucket, a missing or broken model: each raises a
+    :class:`~fkd_core.errors.UserError` naming it. Object stores have no directories, so an empty or absent
+    prefix in an existing bucket is a run with nothing to do, not an error.
+    """
+    check_exists(cfg.source, "source", directory=True)
+    check_bucket(cfg.out, "output bucket")
+    return cached_predictor(cfg.model, cfg.refine)[1]
+
+
+@task(**IO_RETRY)
 def list_source(source: str) -> list[str]:
     return list_images(source)
 
 
-@task(retries=IO_RETRIES[0], retry_delay_seconds=IO_RETRIES[1])
+@task(**IO_RETRY)
 def already_annotated(out: str) -> set[str]:
     """Every image URI present in any run's finished ``images`` parts."""
     if not exists(join_uri(out, "images")):
@@ -66,7 +96,7 @@ def already_annotated(out: str) -> set[str]:
     return set(tbl.column("image_uri").to_pylist())
 
 
-@task(retries=IO_RETRIES[0], retry_delay_seconds=IO_RETRIES[1])
+@task(**IO_RETRY)
 def save_plan(uri: str, shards: list[list[str]]) -> None:
     ids = [i for i, s in enumerate(shards) for _ in s]
     write_table(
@@ -74,7 +104,7 @@ def save_plan(uri: str, shards: list[list[str]]) -> None:
     )
 
 
-@task(retries=IO_RETRIES[0], retry_delay_seconds=IO_RETRIES[1])
+@task(**IO_RETRY)
 def load_plan(uri: str) -> list[list[str]]:
     tbl = dataset(uri, schema=PLAN_SCHEMA).to_table()
     shards: dict[int, list[str]] = {}
@@ -83,14 +113,27 @@ def load_plan(uri: str) -> list[list[str]]:
     return [shards[i] for i in range(len(shards))]
 
 
-@task(retries=IO_RETRIES[0], retry_delay_seconds=IO_RETRIES[1])
+@task(**IO_RETRY)
 def annotate_shard(
-    uris: list[str], shard: int, out: str, run_id: str, model: str, max_pixels: int, refine: bool = True
+    uris: list[str],
+    shard: int,
+    out: str,
+    run_id: str,
+    model: str,
+    max_pixels: int,
+    refine: bool = True,
+    progress_key: str | None = None,
 ) -> ShardCounts:
     """Annotate one shard end to end and write its Parquet parts (idempotent: reruns overwrite the same parts)."""
     predictor, loaded = cached_predictor(model, refine)
     settings = AnnotateSettings(detector=loaded.detector, max_pixels=max_pixels)
-    return run_shard(uris, shard, out, run_id, predictor, loaded.model_id, settings)
+    return run_shard(uris, shard, out, run_id, predictor, loaded.model_id, settings, progress_sink(progress_key))
+
+
+@task(**IO_RETRY)
+def run_counts(out: str, run_id: str) -> dict:
+    """Images per status and faces over the whole run (every attempt), from its finished ``images`` parts."""
+    return finished_counts(out, run_id)
 
 
 def _one_incremental_run_at_a_time(out: str):
@@ -98,7 +141,8 @@ def _one_incremental_run_at_a_time(out: str):
 
     Two incremental runs planning at the same moment would both claim the same new images; holding this slot
     from listing to the last shard serialises them wherever they are launched from (a served schedule,
-    a worker, the CLI), as long as they share a Prefect server.
+    a worker, the CLI), as long as they share a Prefect server. (Served nightly runs also wait for the
+    deployment's own concurrency limit, in Prefect, before any process starts.)
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -115,21 +159,26 @@ def _one_incremental_run_at_a_time(out: str):
 
 
 @flow(name="annotate")
+@flat_parameters(AnnotateConfig)
 def annotate(cfg: AnnotateConfig) -> dict:
-    """List -> plan shards -> annotate each (locally or on Dask) -> ``runs/<id>.json`` and an artifact."""
+    """Find every face in the images under `source` and write 68 keypoints per face as Parquet under `out`.
+
+    Lists the source, plans shards, annotates each (locally or on Dask), and keeps `runs/<id>.json` true
+    (running, completed, failed or interrupted). Rerunning a run id resumes it.
+    """
+    loaded = preflight(cfg)
     if cfg.incremental:
         with _one_incremental_run_at_a_time(cfg.out):
-            return _annotate(cfg)
-    return _annotate(cfg)
+            return _annotate(cfg, loaded)
+    return _annotate(cfg, loaded)
 
 
-def _annotate(cfg: AnnotateConfig) -> dict:
+def _annotate(cfg: AnnotateConfig, loaded) -> dict:
     log = get_run_logger()
     t0 = time.perf_counter()
     run_id = cfg.run_id or new_run_id()
     run_uri = join_uri(cfg.out, "runs", f"{run_id}.json")
     plan_uri = join_uri(cfg.out, "runs", f"{run_id}.plan.parquet")
-    loaded = cached_predictor(cfg.model, cfg.refine)[1]  # fail fast on a bad checkpoint, before anything is written
     model_id = loaded.model_id
     # the detector settings travel in the checkpoint's JSON; the run records the ones it used
     detector = loaded.detector.to_record()
@@ -137,13 +186,14 @@ def _annotate(cfg: AnnotateConfig) -> dict:
     if previous is not None and exists(plan_uri):
         for key, what, now in (("model_id", "model", model_id), ("detector", "detector settings", detector)):
             if previous.get(key, now) != now:
-                raise ValueError(
+                raise RunConflict(
                     f"run {run_id} was started with {what} {previous[key]}; resume it with that checkpoint "
                     f"or start a new run id (this one is {now})"
                 )
         # A rerun of a run id keeps its original plan, so shards mean the same images as before.
         shards = load_plan(plan_uri)
-        log.info("resuming run %s: %d shards planned", run_id, len(shards))
+        doc = previous
+        log.info("resuming run %s (%s before): %d shards planned", run_id, previous.get("status"), len(shards))
     else:
         uris = list_source(cfg.source)
         skipped = 0
@@ -154,72 +204,40 @@ def _annotate(cfg: AnnotateConfig) -> dict:
             log.info("incremental: %d images already annotated, %d new", skipped, len(uris))
         shards = list(chunks(uris, cfg.shard_size))
         save_plan(plan_uri, shards)
-        write_json(
-            {
-                "run_id": run_id,
-                "status": "running",
-                "config": cfg.model_dump(),
-                "model_id": model_id,
-                "detector": detector,
-                "skipped_existing": skipped,
-                "started_at": dt.datetime.now(dt.UTC).isoformat(),
-            },
-            run_uri,
-        )
-    pending = [i for i in range(len(shards)) if not exists(part_uri(cfg.out, "images", run_id, i))]
-    log.info("run %s: %d images in %d shards, %d to do", run_id, sum(map(len, shards)), len(shards), len(pending))
-    totals = ShardCounts()
-    runner = _task_runner(cfg)
-    bar = _progress(cfg.progress, sum(len(shards[i]) for i in pending))
-    with runner:
-        futures = [
-            runner.submit(
-                annotate_shard,
-                {
-                    "uris": shards[i],
-                    "shard": i,
-                    "out": cfg.out,
-                    "run_id": run_id,
-                    "model": cfg.model,
-                    "max_pixels": cfg.max_pixels,
-                    "refine": cfg.refine,
-                },
-            )
-            for i in pending
-        ]
-        for fut in as_completed(futures):
-            counts: ShardCounts = fut.result()
-            totals.add(counts)
-            bar(counts.images)
-            log.info(
-                "shard done: %d images, %d faces, %d errors, %.1f images/s",
-                counts.images,
-                counts.faces,
-                counts.error,
-                counts.images / max(counts.seconds, 1e-9),
-            )
-    bar(None)
-    seconds = time.perf_counter() - t0
-    doc = read_json(run_uri) or {}
-    doc.update(
-        {
+        doc = {
             "run_id": run_id,
-            "status": "completed",
-            "config": cfg.model_dump(),
+            "source": cfg.source,
             "model_id": model_id,
             "detector": detector,
-            "source": cfg.source,
+            "skipped_existing": skipped,
             "shards": len(shards),
-            "shards_run_now": len(pending),
             "images_planned": sum(map(len, shards)),
-            "counts": run_counts(cfg.out, run_id),
-            "counts_this_attempt": vars(totals) | {"seconds": round(totals.seconds, 2)},
-            "seconds": round(seconds, 2),
-            "images_per_second": round(totals.images / seconds, 2) if seconds else None,
-            "finished_at": dt.datetime.now(dt.UTC).isoformat(),
         }
+    doc["config"] = cfg.model_dump()
+    record = RunRecord(
+        run_uri, doc, cfg.heartbeat_seconds, on_error=lambda e: log.warning("run record heartbeat not written: %s", e)
     )
-    write_json(doc, run_uri)
+    record.start()
+    try:
+        totals, pending = _run_shards(cfg, run_id, shards, log)
+        counts = run_counts(cfg.out, run_id)
+    except BaseException as e:
+        # an Exception is a failure; anything else (SIGTERM as Prefect's TerminationSignal, Ctrl-C) an interruption
+        status = "failed" if isinstance(e, Exception) else "interrupted"
+        try:
+            record.finish(status, error=f"{type(e).__name__}: {e}")
+        except Exception as write_error:  # noqa: BLE001 - the run's own error is the one to raise
+            log.warning("could not record run %s as %s: %s", run_id, status, write_error)
+        raise
+    seconds = time.perf_counter() - t0
+    record.finish(
+        "completed",
+        shards_run_now=len(pending),
+        counts=counts,
+        counts_this_attempt=vars(totals) | {"seconds": round(totals.seconds, 2)},
+        seconds=round(seconds, 2),
+        images_per_second=round(totals.images / seconds, 2) if seconds else None,
+    )
     summary = {
         "run_id": run_id,
         "images": totals.images,
@@ -236,19 +254,59 @@ def _annotate(cfg: AnnotateConfig) -> dict:
         description="fkd annotate run summary",
     )
     log.info("run %s done: %s", run_id, summary)
-    return doc
+    return record.doc
 
 
-@task(retries=IO_RETRIES[0], retry_delay_seconds=IO_RETRIES[1])
-def run_counts(out: str, run_id: str) -> dict:
-    """Images per status and faces over the whole run (every attempt), from its finished ``images`` parts."""
-    import pyarrow.compute as pc
-
-    tbl = dataset(join_uri(out, "images", f"run_id={run_id}")).to_table(columns=["status", "n_faces"])
-    counts = {s: 0 for s in ("ok", "no_face", "error")}
-    for row in pc.value_counts(tbl.column("status")).to_pylist():
-        counts[row["values"]] = row["counts"]
-    return {"images": tbl.num_rows, **counts, "faces": int(pc.sum(tbl.column("n_faces")).as_py() or 0)}
+def _run_shards(cfg: AnnotateConfig, run_id: str, shards: list[list[str]], log) -> tuple[ShardCounts, list[int]]:
+    """Run the shards not finished yet; the board shows images done as they come, shard logs show throughput."""
+    pending = [i for i in range(len(shards)) if not exists(part_uri(cfg.out, "images", run_id, i))]
+    total = sum(len(shards[i]) for i in pending)
+    log.info("run %s: %d images in %d shards, %d shards (%d images) to do", run_id, sum(map(len, shards)),
+             len(shards), len(pending), total)  # fmt: skip
+    totals = ShardCounts()
+    board = ProgressBoard(total, f"annotate {run_id}", bar=cfg.progress)
+    try:
+        runner = _task_runner(cfg)
+        with runner:
+            board.listen_to(runner)
+            futures = [
+                runner.submit(
+                    annotate_shard,
+                    {
+                        "uris": shards[i],
+                        "shard": i,
+                        "out": cfg.out,
+                        "run_id": run_id,
+                        "model": cfg.model,
+                        "max_pixels": cfg.max_pixels,
+                        "refine": cfg.refine,
+                        "progress_key": board.key,
+                    },
+                )
+                for i in pending
+            ]
+            try:
+                not_done = set(futures)
+                while not_done:
+                    done, not_done = wait(list(not_done), timeout=1.0)
+                    for fut in done:
+                        counts: ShardCounts = fut.result()
+                        totals.add(counts)
+                        board.shard_done(counts.images)
+                        log.info(
+                            "shard done: %d images, %d faces, %d errors, %.1f images/s",
+                            counts.images,
+                            counts.faces,
+                            counts.error,
+                            counts.images / max(counts.seconds, 1e-9),
+                        )
+                    board.tick()
+            except BaseException:
+                board.cancel()  # so leaving the runner does not wait for every running shard to finish
+                raise
+    finally:
+        board.close()
+    return totals, pending
 
 
 def _task_runner(cfg: AnnotateConfig):
@@ -257,23 +315,3 @@ def _task_runner(cfg: AnnotateConfig):
 
         return DaskTaskRunner(address=cfg.dask_address)
     return ThreadPoolTaskRunner(max_workers=cfg.workers)
-
-
-def _progress(enabled: bool, total: int):
-    """A rich progress bar on stderr when asked for; returns ``advance(n)``, closed by ``advance(None)``."""
-    if not enabled or total == 0:
-        return lambda n: None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    p = Progress("annotate", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=Console(file=sys.stderr))
-    task_id = p.add_task("images", total=total)
-    p.start()
-
-    def advance(n: int | None) -> None:
-        if n is None:
-            p.stop()
-        else:
-            p.advance(task_id, n)
-
-    return advance

@@ -18,6 +18,46 @@ def _print(doc: dict) -> None:
     typer.echo(json.dumps(doc, indent=2, default=str))
 
 
+def _fail(message: str) -> None:
+    """A user error: one line on stderr naming what and where, exit status 2, no traceback."""
+    typer.echo(f"fkd: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _run(flow, cfg, preflight=None) -> dict:
+    """Run a flow on a validated config; user errors (missing path, model or bucket...) end in one line and exit 2.
+
+    ``preflight(cfg)`` checks what cannot heal before the flow starts (and before Prefect's API comes up).
+    """
+    from fkd_core.errors import UserError
+
+    _hide_user_error_tracebacks()
+    try:
+        if preflight is not None:
+            preflight(cfg)
+        return flow(**cfg.model_dump())
+    except UserError as e:
+        _fail(str(e))
+
+
+def _hide_user_error_tracebacks() -> None:
+    """Prefect logs a failed run's exception with its traceback; for a user error the message alone says it."""
+    import logging
+
+    from fkd_core.errors import UserError
+    from flows.progress import _console_handlers
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and isinstance(record.exc_info[1], UserError):
+                record.exc_info, record.exc_text = None, None
+            return True
+
+    for handler in _console_handlers():
+        if not any(type(f).__name__ == "_Filter" for f in handler.filters):
+            handler.addFilter(_Filter())
+
+
 def _config(cls, **fields):
     """Build a flow's config, turning validation errors into a message that names each field (exit 2)."""
     from pydantic import ValidationError
@@ -26,7 +66,8 @@ def _config(cls, **fields):
         return cls(**fields)
     except ValidationError as e:
         for err in e.errors():
-            typer.echo(f"invalid {'.'.join(str(p) for p in err['loc'])}: {err['msg']}", err=True)
+            name = ".".join(str(p) for p in err["loc"])
+            typer.echo(f"fkd: invalid {name} (--{name.replace('_', '-')}): {err['msg']}", err=True)
         raise typer.Exit(2) from None
 
 
@@ -45,11 +86,12 @@ def annotate(
     ] = True,
 ) -> None:
     """Find every face under SOURCE and write 68 keypoints per face to OUT (Parquet)."""
-    from flows.annotate import AnnotateConfig
+    from flows.annotate import AnnotateConfig, preflight
     from flows.annotate import annotate as flow
 
     s = _settings(model=model, shard_size=shard_size, dask_address=dask_address, workers=workers)
-    doc = flow(
+    doc = _run(
+        flow,
         _config(
             AnnotateConfig,
             source=source,
@@ -63,9 +105,10 @@ def annotate(
             max_pixels=s.max_pixels,
             refine=refine,
             progress=sys.stderr.isatty(),
-        )
+        ),
+        preflight,
     )
-    _print({k: doc[k] for k in ("run_id", "model_id", "images_planned", "counts_this_attempt", "seconds")})
+    _print({k: doc[k] for k in ("run_id", "status", "model_id", "images_planned", "counts", "seconds")})
 
 
 @app.command()
@@ -73,22 +116,26 @@ def serve(
     interval: Annotated[float | None, typer.Option(help="Run the nightly deployment every N seconds instead")] = None,
 ) -> None:
     """Serve the deployments (nightly incremental annotation from FKD_NIGHTLY_SOURCE, and on-demand flows)."""
-    from flows.deploy import serve_all
+    from flows.deploy import DeploymentConflict, serve_all
 
     s = _settings()
     if not (s.nightly_source and s.nightly_out):
         typer.echo("FKD_NIGHTLY_SOURCE / FKD_NIGHTLY_OUT not set: serving on-demand deployments only", err=True)
-    serve_all(s, interval)
+    try:
+        serve_all(s, interval)
+    except DeploymentConflict as e:
+        _fail(str(e))
 
 
 def _settings(**overrides):
-    from flows.settings import SettingsError, load_settings
+    from flows.settings import SettingsError, load_settings, unknown_variables
 
+    for warning in unknown_variables():
+        typer.echo(f"fkd: {warning}", err=True)
     try:
         return load_settings(**overrides)
     except SettingsError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2) from e
+        _fail(str(e))
 
 
 @app.command()
@@ -102,10 +149,11 @@ def ingest(
     shard_size: int = 500,
 ) -> None:
     """Turn a keypoints CSV and its images into the training examples Parquet."""
-    from flows.ingest import IngestConfig
+    from flows.ingest import IngestConfig, preflight
     from flows.ingest import ingest as flow
 
-    doc = flow(
+    doc = _run(
+        flow,
         _config(
             IngestConfig,
             csv=csv,
@@ -115,7 +163,8 @@ def ingest(
             val_fraction=val_fraction,
             seed=seed,
             shard_size=shard_size,
-        )
+        ),
+        preflight,
     )
     _print({k: v for k, v in doc.items() if k != "refused"} | {"refused (first 20)": doc["refused"][:20]})
 
@@ -146,11 +195,12 @@ def train(
     device: Annotated[str, typer.Option(help="cpu, or cuda[:N] to train on a GPU")] = "cpu",
 ) -> None:
     """Train NaimishNet and save <out-dir>/<name>.safetensors + .json + _loss.png."""
-    from flows.train import TrainConfig
+    from flows.train import TrainConfig, preflight
     from flows.train import train as flow
 
     _print(
-        flow(
+        _run(
+            flow,
             _config(
                 TrainConfig,
                 examples=examples,
@@ -172,7 +222,8 @@ def train(
                 refine_of=refine_of,
                 align_side=align_side,
                 device=device,
-            )
+            ),
+            preflight,
         )
     )
 
@@ -182,15 +233,73 @@ def evaluate(
     csv: Annotated[str, typer.Argument(help="Keypoints CSV")],
     images: Annotated[str, typer.Argument(help="Image directory or prefix")],
     out: Annotated[str, typer.Argument(help="Where metrics.json, faces.parquet, worst.png go")],
-    model: str = str(DEFAULT_MODEL),
+    model: Annotated[str | None, typer.Option(help="Checkpoint .safetensors [FKD_MODEL]")] = None,
     split: Annotated[str, typer.Option(help="all, train or val (the checkpoint's split)")] = "all",
     split_by: Annotated[str | None, typer.Option(help="person or frame (default: the checkpoint's)")] = None,
 ) -> None:
     """End-to-end metrics of a checkpoint on labelled images."""
-    from flows.evaluate import EvaluateConfig
+    from flows.evaluate import EvaluateConfig, preflight
     from flows.evaluate import evaluate as flow
 
-    _print(flow(_config(EvaluateConfig, csv=csv, images=images, out=out, model=model, split=split, split_by=split_by)))
+    s = _settings(model=model)
+    cfg = _config(EvaluateConfig, csv=csv, images=images, out=out, model=s.model, split=split, split_by=split_by)
+    _print(_run(flow, cfg, preflight))
+
+
+@app.command()
+def runs(
+    out: Annotated[str, typer.Argument(help="An annotate output directory or prefix")],
+    fmt: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+) -> None:
+    """List the annotate runs under OUT with their status (running, completed, failed, interrupted) and counts."""
+    from fkd_core.errors import UserError
+    from fkd_core.runs import list_runs
+
+    try:
+        rows = list_runs(out)
+    except UserError as e:
+        _fail(str(e))
+    if fmt == "json":
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        typer.echo(f"no runs under {out}")
+        return
+    cols = ("run_id", "status", "started_at", "images_planned", "images", "ok", "no_face", "error", "faces", "note")
+    table = []
+    for r in rows:
+        counts = r.get("counts") or {}
+        note = r.get("error") or ""
+        table.append(
+            [
+                r.get("run_id", ""),
+                r.get("status", ""),
+                (r.get("started_at") or "")[:19],
+                r.get("images_planned", ""),
+                *(counts.get(k, "") for k in ("images", "ok", "no_face", "error", "faces")),
+                (note[:60] + "...") if len(note) > 60 else note,
+            ]
+        )
+    widths = [max(len(str(c)), *(len(str(row[i])) for row in table)) for i, c in enumerate(cols)]
+    for row in [list(cols), *table]:
+        typer.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+@app.command()
+def settings(
+    get: Annotated[str | None, typer.Option(help="Print this one setting's value (fails if it is not set)")] = None,
+) -> None:
+    """Show the fkd settings in force (FKD_* variables over fkd.toml over defaults), or one of them."""
+    s = _settings()
+    if get is None:
+        _print(s.model_dump())
+        return
+    if get not in type(s).model_fields:
+        _fail(f"--get: no setting {get!r}; settings are {', '.join(type(s).model_fields)}")
+    value = getattr(s, get)
+    if value is None:
+        _fail(f"{get} is not set (set FKD_{get.upper()} or {get} in the settings file)")
+    typer.echo(value)
 
 
 @app.command()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fsspec
 import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -12,11 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from fkd_core.checkpoint import DEFAULT_MODEL, load_checkpoint
 from fkd_core.evaluate import FaceResult, evaluate_rows, face_yaw, results_table, worst_montage
 from fkd_core.examples import LabelledRow, assign_split
-from fkd_core.image_io import join_uri
+from fkd_core.image_io import check_bucket, check_exists, join_uri
 from fkd_core.metrics import by_pose, summarise
-from fkd_core.parquet_io import write_json, write_table
+from fkd_core.parquet_io import write_bytes, write_json, write_table
 from fkd_core.plots import png_bytes
-from flows._common import IO_RETRIES, cached_predictor, chunks, markdown_table
+from flows._common import IO_RETRY, cached_predictor, chunks, flat_parameters, markdown_table
 from flows.ingest import read_csv
 
 
@@ -38,16 +37,26 @@ class EvaluateConfig(BaseModel):
     worst: int = Field(12, ge=0, le=100, description="Faces in the worst-case montage")
 
 
-@task(retries=IO_RETRIES[0], retry_delay_seconds=IO_RETRIES[1])
+@task(**IO_RETRY)
 def score_shard(rows: list[LabelledRow], images: str, model: str) -> list[FaceResult]:
     predictor, loaded = cached_predictor(model)
     return evaluate_rows(rows, images, predictor, loaded.detector)
 
 
+def preflight(cfg: EvaluateConfig):
+    """Refuse, naming it, a missing CSV, image location, output bucket or model; returns the loaded model."""
+    check_exists(cfg.csv, "CSV")
+    check_exists(cfg.images, "images", directory=True)
+    check_bucket(cfg.out, "output bucket")
+    return load_checkpoint(cfg.model)
+
+
 @flow(name="evaluate")
+@flat_parameters(EvaluateConfig)
 def evaluate(cfg: EvaluateConfig) -> dict:
+    """Score a checkpoint end to end (Haar + NaimishNet) on labelled images: metrics.json, faces.parquet, worst.png."""
+    loaded = preflight(cfg)
     log = get_run_logger()
-    loaded = load_checkpoint(cfg.model)
     split_doc = (loaded.meta.get("data") or {}).get("split") or {}
     split_by = cfg.split_by or split_doc.get("split_by") or "person"
     val_fraction = cfg.val_fraction if cfg.val_fraction is not None else split_doc.get("val_fraction", 0.15)
@@ -85,8 +94,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     write_json(doc, join_uri(cfg.out, "metrics.json"))
     write_table(results_table(results), join_uri(cfg.out, "faces.parquet"))
     if cfg.worst and matched:
-        with fsspec.open(join_uri(cfg.out, "worst.png"), "wb") as f:
-            f.write(png_bytes(worst_montage(results, cfg.images, cfg.worst)))
+        write_bytes(png_bytes(worst_montage(results, cfg.images, cfg.worst)), join_uri(cfg.out, "worst.png"))
     row = {"model": loaded.model_id, "split": f"{cfg.split} ({split_by})", "pose": "all", **metrics}
     rows = [row] + [{"model": loaded.model_id, "split": row["split"], **p} for p in pose]
     create_table_artifact(key="evaluate-metrics", table=rows, description="fkd end-to-end metrics, by pose")

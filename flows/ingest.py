@@ -16,10 +16,10 @@ from fkd_core.detect import DetectorConfig
 from fkd_core.errors import RowError
 from fkd_core.examples import BoxMapping, LabelledRow, parse_keypoints_csv
 from fkd_core.geometry import CropPolicy
-from fkd_core.image_io import url_to_fs
+from fkd_core.image_io import check_bucket, check_exists, url_to_fs
 from fkd_core.ingest import IngestSettings, ShardResult, ingest_misses, ingest_shard
 from fkd_core.parquet_io import write_json
-from flows._common import IO_RETRIES, chunks, markdown_table
+from flows._common import IO_RETRY, chunks, flat_parameters, markdown_table
 
 
 class IngestConfig(BaseModel):
@@ -37,7 +37,7 @@ class IngestConfig(BaseModel):
     workers: int = Field(2, ge=1, le=64, description="Shards processed at once")
 
 
-@task(retries=IO_RETRIES[0], retry_delay_seconds=IO_RETRIES[1])
+@task(**IO_RETRY)
 def read_csv(uri: str) -> tuple[list[LabelledRow], list[str]]:
     """Parse the CSV (streamed line by line); returns the valid rows and the refusals."""
     rows, refused = [], []
@@ -47,12 +47,12 @@ def read_csv(uri: str) -> tuple[list[LabelledRow], list[str]]:
     return rows, refused
 
 
-@task(retries=IO_RETRIES[0], retry_delay_seconds=IO_RETRIES[1])
+@task(**IO_RETRY)
 def process_shard(rows: list[LabelledRow], shard: int, settings: IngestSettings, source: str) -> ShardResult:
     return ingest_shard(rows, shard, settings, source)
 
 
-@task(retries=IO_RETRIES[0], retry_delay_seconds=IO_RETRIES[1])
+@task(**IO_RETRY)
 def process_misses(rows: list[LabelledRow], shard: int, mapping: BoxMapping, settings: IngestSettings) -> ShardResult:
     return ingest_misses(rows, shard, mapping, settings)
 
@@ -64,9 +64,18 @@ def clear_output(uri: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def preflight(cfg: IngestConfig) -> None:
+    """Refuse, naming it, a CSV or image location or output bucket that does not exist."""
+    check_exists(cfg.csv, "CSV")
+    check_exists(cfg.images, "images", directory=True)
+    check_bucket(cfg.out, "output bucket")
+
+
 @flow(name="ingest", log_prints=False)
+@flat_parameters(IngestConfig)
 def ingest(cfg: IngestConfig) -> dict:
-    """CSV + images -> ``<out>/examples/part-*.parquet`` and ``<out>/ingest_report.json``."""
+    """Turn a keypoints CSV and its images into `<out>/examples/part-*.parquet` and `<out>/ingest_report.json`."""
+    preflight(cfg)
     log = get_run_logger()
     t0 = time.perf_counter()
     examples_uri = f"{cfg.out.rstrip('/')}/examples"

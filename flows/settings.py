@@ -7,10 +7,12 @@ variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`
 
 from __future__ import annotations
 
+import difflib
 import os
+import tomllib
 from pathlib import Path
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from fkd_core.checkpoint import DEFAULT_MODEL
@@ -28,7 +30,18 @@ class FkdSettings(BaseSettings):
     max_pixels: int = Field(50_000_000, ge=1, description="Larger images are refused as pixel bombs")
     nightly_source: str | None = Field(None, description="Prefix annotated incrementally by the nightly deployment")
     nightly_out: str | None = Field(None, description="Output prefix of the nightly deployment")
-    nightly_cron: str = Field("0 2 * * *", description="Schedule of the nightly deployment (UTC)")
+    nightly_cron: str = Field("0 2 * * *", description="Schedule of the nightly deployment (cron, UTC)")
+
+    @field_validator("nightly_cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=v)
+        except ValidationError:
+            raise ValueError(f"{v!r} is not a cron expression (five fields, e.g. '0 2 * * *' for 02:00 UTC)") from None
+        return v
 
     @classmethod
     def settings_customise_sources(
@@ -39,27 +52,61 @@ class FkdSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml = os.environ.get("FKD_CONFIG") or ("fkd.toml" if Path("fkd.toml").is_file() else None)
+        toml = toml_file()
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if toml:
             if not Path(toml).is_file():
                 raise SettingsError(f"FKD_CONFIG names {toml!r}, which does not exist")
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+            try:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+            except tomllib.TOMLDecodeError as e:
+                raise SettingsError(f"{toml} is not valid TOML: {e}") from None
         return tuple(sources)
 
 
 class SettingsError(ValueError):
-    """Settings could not be loaded; the message names the variable, file or field."""
+    """Settings could not be loaded; the message names the variable, file, flag or field."""
+
+
+# FKD_* variables that are not settings but are read elsewhere: the settings file, and the tests' model.
+_OTHER_VARIABLES = {"FKD_CONFIG", "FKD_TEST_MODEL"}
+
+
+def toml_file() -> str | None:
+    """The settings file in force: ``FKD_CONFIG``, else ``./fkd.toml`` if there is one."""
+    return os.environ.get("FKD_CONFIG") or ("fkd.toml" if Path("fkd.toml").is_file() else None)
+
+
+def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """A warning for each ``FKD_*`` variable that is no setting (a typo is otherwise silently ignored)."""
+    known = {f"FKD_{name.upper()}" for name in FkdSettings.model_fields} | _OTHER_VARIABLES
+    warnings = []
+    for name in sorted(environ if environ is not None else os.environ):
+        if name.upper().startswith("FKD_") and name.upper() not in known:
+            close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else f"; fkd settings are {', '.join(sorted(known))}"
+            warnings.append(f"warning: {name} is not an fkd setting and is ignored{hint}")
+    return warnings
 
 
 def load_settings(**overrides) -> FkdSettings:
-    """Settings with ``overrides`` (non-None values) on top; invalid values raise :class:`SettingsError`."""
+    """Settings with ``overrides`` (CLI options; None means not given) on top.
+
+    An invalid value raises :class:`SettingsError` blaming where it came from: the CLI flag, the ``FKD_*``
+    variable, or the TOML file.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return FkdSettings(**{k: v for k, v in overrides.items() if v is not None})
+        return FkdSettings(**given)
     except ValidationError as e:
-        where = os.environ.get("FKD_CONFIG") or ("fkd.toml" if Path("fkd.toml").is_file() else "the environment")
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])} (FKD_{str(err['loc'][0]).upper()}): {err['msg']}"
-            for err in e.errors()
-        )
-        raise SettingsError(f"invalid fkd settings from {where}: {problems}") from None
+        problems = []
+        for err in e.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            if field in given:
+                where = f"--{field.replace('_', '-')}"
+            elif f"FKD_{field.upper()}" in {k.upper() for k in os.environ}:
+                where = f"FKD_{field.upper()} (environment)"
+            else:
+                where = f"{field} in {toml_file() or 'the settings'}"
+            problems.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+        raise SettingsError("invalid fkd settings: " + "; ".join(problems)) from None

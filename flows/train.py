@@ -7,7 +7,6 @@ import hashlib
 import time
 from typing import Literal
 
-import fsspec
 import numpy as np
 import pyarrow.compute as pc
 from prefect import flow, get_run_logger, task
@@ -18,13 +17,16 @@ from fkd_core.align import AlignPolicy
 from fkd_core.augment import AugmentConfig
 from fkd_core.checkpoint import SAVED_MODELS, LoadedModel, load_checkpoint, save_checkpoint
 from fkd_core.detect import DetectorConfig
+from fkd_core.errors import CheckpointError, UserError
 from fkd_core.examples import CANONICAL_MARGIN, inner_fraction
 from fkd_core.geometry import CropPolicy
+from fkd_core.image_io import check_bucket, check_exists
 from fkd_core.metrics import nme_per_face
 from fkd_core.model import NaimishNetConfig
-from fkd_core.parquet_io import dataset, read_examples, read_json
+from fkd_core.parquet_io import dataset, exists, read_examples, read_json, write_bytes
 from fkd_core.plots import loss_curve_png
 from fkd_core.train import EpochStats, History, TrainParams, evaluate_arrays, fit, predict_canonical
+from flows._common import flat_parameters
 
 
 class TrainConfig(BaseModel):
@@ -109,9 +111,9 @@ def stage_one(cfg: TrainConfig, policy: CropPolicy) -> LoadedModel | None:
         return None
     first = load_checkpoint(cfg.refine_of)
     if first.refine is not None:
-        raise ValueError(f"refine_of: {cfg.refine_of} already has a refining stage; give its first stage alone")
+        raise UserError(f"refine_of: {cfg.refine_of} already has a refining stage; give its first stage alone")
     if first.policy != policy:
-        raise ValueError(
+        raise UserError(
             f"refine_of: {cfg.refine_of} was trained on crops with {first.policy}, but the examples were cut "
             f"with {policy}; ingest with the checkpoint's crop policy"
         )
@@ -145,7 +147,26 @@ def checkpoint_record(cfg: TrainConfig, fingerprint: dict, inner: float, history
     }
 
 
+def preflight(cfg: TrainConfig) -> str:
+    """Refuse, naming it, what cannot work: no GPU, missing examples or bucket, a model already at the target.
+
+    Returns the weights path the run will write.
+    """
+    import torch
+
+    if cfg.device != "cpu" and not torch.cuda.is_available():
+        raise UserError(f"device: {cfg.device!r} asked for, but torch sees no CUDA GPU on this machine")
+    check_exists(cfg.examples, "examples", directory=True)
+    check_bucket(cfg.out_dir, "output bucket")
+    weights = f"{cfg.out_dir.rstrip('/')}/{cfg.name}.safetensors"
+    if exists(weights):
+        # a served model may be reading it: a retrain writes beside it, never over it
+        raise CheckpointError(f"model {weights} exists; fkd never overwrites a model: pick another --name or --out-dir")
+    return weights
+
+
 @flow(name="train")
+@flat_parameters(TrainConfig)
 def train(cfg: TrainConfig) -> dict:
     """Train, early-stop on validation NME, and save the best checkpoint (float16 if it loses nothing)."""
     import torch
@@ -153,8 +174,7 @@ def train(cfg: TrainConfig) -> dict:
     log = get_run_logger()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.device != "cpu" and not torch.cuda.is_available():
-        raise ValueError(f"device: {cfg.device!r} asked for, but torch sees no CUDA GPU on this machine")
+    weights = preflight(cfg)
     t0 = time.perf_counter()
     fingerprint = data_fingerprint(cfg.examples)
     train_xy = load_split(cfg.examples, "train", cfg.max_train)
@@ -208,7 +228,7 @@ def train(cfg: TrainConfig) -> dict:
     if start is None and first is not None:
         start = copy.deepcopy(first.model)
     if start is not None and start.cfg.input_size != cfg.input_size:
-        raise ValueError(f"init checkpoint has input_size {start.cfg.input_size}, config asks for {cfg.input_size}")
+        raise UserError(f"init checkpoint has input_size {start.cfg.input_size}, config asks for {cfg.input_size}")
     model, history = fit(
         train_xy,
         val_xy,
@@ -236,7 +256,6 @@ def train(cfg: TrainConfig) -> dict:
     ]
     create_table_artifact(key="train-history", table=rows, description=f"{cfg.name}: MSE per epoch")
 
-    weights = f"{cfg.out_dir.rstrip('/')}/{cfg.name}.safetensors"
     meta = checkpoint_record(cfg, fingerprint, inner, history, time.perf_counter() - t0)
     detector = DetectorConfig.from_record(fingerprint["detector"]) if fingerprint["detector"] else DetectorConfig()
     stages: dict = {"model": model}
@@ -265,8 +284,7 @@ def train(cfg: TrainConfig) -> dict:
         [e.val_mse for e in history.epochs],
         [e.val_nme for e in history.epochs],
     )
-    with fsspec.open(f"{cfg.out_dir.rstrip('/')}/{cfg.name}_loss.png", "wb") as f:
-        f.write(png)
+    write_bytes(png, f"{cfg.out_dir.rstrip('/')}/{cfg.name}_loss.png")
     log.info("saved %s (best epoch %d, val NME %.4f)", model_id, history.best_epoch, best.val_nme)
     return {
         "model_id": model_id,

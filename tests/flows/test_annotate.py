@@ -9,8 +9,9 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
+from fkd_core.errors import RunConflict
 from fkd_core.parquet_io import FACES_SCHEMA, IMAGES_SCHEMA, dataset, keypoints_from_column, output_tables
-from flows.annotate import AnnotateConfig, annotate
+from flows.annotate import annotate
 from tests.flows.conftest import BIN, stop
 
 pytestmark = pytest.mark.flows
@@ -34,9 +35,7 @@ def faces_by_image(faces):
 def test_bad_files_become_error_rows_and_the_batch_goes_on(tmp_path, corrupt_dir, model_path):
     out = tmp_path / "out"
     doc = annotate(
-        AnnotateConfig(
-            source=str(corrupt_dir), out=str(out), model=model_path, shard_size=4, run_id="mixed", max_pixels=20_000_000
-        )
+        source=str(corrupt_dir), out=str(out), model=model_path, shard_size=4, run_id="mixed", max_pixels=20_000_000
     )
     images, faces = _tables(out)
     assert images.schema.remove(images.schema.get_field_index("run_id")).equals(IMAGES_SCHEMA)
@@ -75,8 +74,8 @@ def test_rerun_of_a_finished_run_does_nothing_and_incremental_skips_known_images
     names = sorted(os.listdir(sample_dir / "images"))[:6]
     for n in names[:4]:
         (src / n).write_bytes((sample_dir / "images" / n).read_bytes())
-    annotate(AnnotateConfig(source=str(src), out=str(out), model=model_path, shard_size=2, run_id="a"))
-    again = annotate(AnnotateConfig(source=str(src), out=str(out), model=model_path, shard_size=2, run_id="a"))
+    annotate(source=str(src), out=str(out), model=model_path, shard_size=2, run_id="a")
+    again = annotate(source=str(src), out=str(out), model=model_path, shard_size=2, run_id="a")
     assert again["shards_run_now"] == 0 and again["counts"]["images"] == 4
     other = tmp_path / "other.safetensors"
     other.write_bytes(Path(model_path).read_bytes())
@@ -84,24 +83,22 @@ def test_rerun_of_a_finished_run_does_nothing_and_incremental_skips_known_images
     doc["name"] = "other"
     doc["model_id"] = "other-" + doc["weights_sha256"][:12]
     other.with_suffix(".json").write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match="was started with model"):
-        annotate(AnnotateConfig(source=str(src), out=str(out), model=str(other), shard_size=2, run_id="a"))
+    with pytest.raises(RunConflict, match="was started with model"):
+        annotate(source=str(src), out=str(out), model=str(other), shard_size=2, run_id="a")
     # the shipped checkpoint has two stages; --no-refine runs the first alone, under its own model id, and a
     # run started with both stages cannot be resumed with one
-    with pytest.raises(ValueError, match=r"was started with model .* \(this one is .*\+first-stage\)"):
-        annotate(
-            AnnotateConfig(source=str(src), out=str(out), model=model_path, shard_size=2, run_id="a", refine=False)
-        )
+    with pytest.raises(RunConflict, match=r"was started with model .* \(this one is .*\+first-stage\)"):
+        annotate(source=str(src), out=str(out), model=model_path, shard_size=2, run_id="a", refine=False)
     # the same weights with other detector settings (they travel in the checkpoint JSON) find other boxes
     doc = json.loads(Path(model_path).with_suffix(".json").read_text())
     doc["detector"]["fallback_min_neighbors"] = 0
     other.with_suffix(".json").write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match="was started with detector settings .*'fallback_min_neighbors': 3"):
-        annotate(AnnotateConfig(source=str(src), out=str(out), model=str(other), shard_size=2, run_id="a"))
+    with pytest.raises(RunConflict, match="was started with detector settings .*'fallback_min_neighbors': 3"):
+        annotate(source=str(src), out=str(out), model=str(other), shard_size=2, run_id="a")
     run = json.loads((out / "runs" / "a.json").read_text())
     assert run["detector"]["fallback_min_neighbors"] == 3 and run["detector"]["min_neighbors"] == 5
     fast = tmp_path / "fast"
-    one = annotate(AnnotateConfig(source=str(src), out=str(fast), model=model_path, shard_size=2, refine=False))
+    one = annotate(source=str(src), out=str(fast), model=model_path, shard_size=2, refine=False)
     assert one["model_id"] == again["model_id"] + "+first-stage"
     _, f_two = _tables(out)
     _, f_one = _tables(fast)
@@ -113,9 +110,7 @@ def test_rerun_of_a_finished_run_does_nothing_and_incremental_skips_known_images
     assert shift.mean() > 0.1  # the refining stage moved the points
     for n in names[4:]:
         (src / n).write_bytes((sample_dir / "images" / n).read_bytes())
-    inc = annotate(
-        AnnotateConfig(source=str(src), out=str(out), model=model_path, shard_size=2, run_id="b", incremental=True)
-    )
+    inc = annotate(source=str(src), out=str(out), model=model_path, shard_size=2, run_id="b", incremental=True)
     assert inc["skipped_existing"] == 4 and inc["images_planned"] == 2
     images, _ = _tables(out)
     uris = images.column("image_uri").to_pylist()
@@ -144,8 +139,20 @@ def test_killed_run_resumes_without_duplicates_or_gaps(tmp_path, sample_dir, mod
     done_before = len([p for p in parts.iterdir() if p.suffix == ".parquet"])
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert 3 <= done_before < 20
-    doc = annotate(AnnotateConfig(source=src, out=str(out), model=model_path, shard_size=3, run_id="k"))
-    assert doc["shards_run_now"] == 20 - done_before
+    # the killed process could not say so: its record says running, but its heartbeat stops, and a reader
+    # that looks after a few missed beats is told it was interrupted
+    import datetime as dt
+
+    from fkd_core.runs import list_runs
+
+    killed = json.loads((out / "runs" / "k.json").read_text())
+    assert killed["status"] == "running"
+    beat = dt.datetime.fromisoformat(killed["heartbeat_at"])
+    assert list_runs(str(out), now=beat + dt.timedelta(seconds=5))[0]["status"] == "running"
+    (late,) = list_runs(str(out), now=beat + dt.timedelta(minutes=5))
+    assert late["status"] == "interrupted" and late["counts"]["images"] == 3 * done_before
+    doc = annotate(source=src, out=str(out), model=model_path, shard_size=3, run_id="k")
+    assert doc["shards_run_now"] == 20 - done_before and doc["attempts"] == 2 and doc["status"] == "completed"
     assert doc["counts"]["images"] == 60 and doc["counts"]["faces"] >= 60
     images, faces = _tables(out)
     uris = images.column("image_uri").to_pylist()
@@ -153,7 +160,7 @@ def test_killed_run_resumes_without_duplicates_or_gaps(tmp_path, sample_dir, mod
     keys = list(zip(faces.column("image_uri").to_pylist(), faces.column("face_index").to_pylist(), strict=True))
     assert len(keys) == len(set(keys))
     clean = tmp_path / "clean"
-    annotate(AnnotateConfig(source=src, out=str(clean), model=model_path, shard_size=3, run_id="k"))
+    annotate(source=src, out=str(clean), model=model_path, shard_size=3, run_id="k")
     _, clean_faces = _tables(clean)
     a, b = faces_by_image(faces), faces_by_image(clean_faces)
     assert a.keys() == b.keys()
@@ -162,7 +169,7 @@ def test_killed_run_resumes_without_duplicates_or_gaps(tmp_path, sample_dir, mod
 
 def test_cli_query_and_show(tmp_path, sample_dir, model_path):
     out = tmp_path / "out"
-    annotate(AnnotateConfig(source=str(sample_dir / "photos"), out=str(out), model=model_path, run_id="p"))
+    annotate(source=str(sample_dir / "photos"), out=str(out), model=model_path, run_id="p")
     q = subprocess.run(
         [
             str(BIN / "fkd"),
@@ -208,15 +215,149 @@ def test_bad_checkpoint_fails_before_any_shard(tmp_path, sample_dir):
 
     with pytest.raises(CheckpointError):
         annotate(
-            AnnotateConfig(
-                source=str(sample_dir / "photos"), out=str(tmp_path / "o"), model=str(tmp_path / "missing.safetensors")
-            )
+            source=str(sample_dir / "photos"), out=str(tmp_path / "o"), model=str(tmp_path / "missing.safetensors")
         )
     assert not (tmp_path / "o" / "images").exists()
 
 
 def test_dataset_reader_ignores_leftover_temporary_files(tmp_path, sample_dir, model_path):
     out = tmp_path / "out"
-    annotate(AnnotateConfig(source=str(sample_dir / "photos"), out=str(out), model=model_path, run_id="t"))
+    annotate(source=str(sample_dir / "photos"), out=str(out), model=model_path, run_id="t")
     (out / "images" / "run_id=t" / ".part-00009.parquet.deadbeef.tmp").write_bytes(b"partial")
     assert dataset(str(out / "images"), partitioning="runs").to_table().num_rows == 3
+
+
+def _copies(tmp_path, sample_dir, n_copies: int) -> Path:
+    """The sample's frames copied ``n_copies`` times under new names: a source big enough to watch progress."""
+    src = tmp_path / "many"
+    src.mkdir()
+    frames = sorted((sample_dir / "images").iterdir())
+    for k in range(n_copies):
+        for f in frames:
+            (src / f"{k}_{f.name}").write_bytes(f.read_bytes())
+    return src
+
+
+def test_runs_with_nothing_to_do_complete_with_zero_counts(tmp_path, sample_dir, model_path):
+    """An empty directory, and the nightly job on a quiet night (incremental, nothing new), both succeed."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    zero = {"images": 0, "ok": 0, "no_face": 0, "error": 0, "faces": 0}
+    doc = annotate(source=str(empty), out=str(out), model=model_path, run_id="e")
+    assert doc["status"] == "completed" and doc["counts"] == zero and doc["images_planned"] == 0
+    assert json.loads((out / "runs" / "e.json").read_text())["status"] == "completed"
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in sorted((sample_dir / "photos").iterdir()):
+        (src / f.name).write_bytes(f.read_bytes())
+    first = annotate(source=str(src), out=str(out), model=model_path, run_id="n1", incremental=True)
+    assert first["counts"]["images"] == 3
+    quiet = annotate(source=str(src), out=str(out), model=model_path, run_id="n2", incremental=True)
+    assert (quiet["status"], quiet["counts"], quiet["skipped_existing"]) == ("completed", zero, 3)
+    from fkd_core.runs import list_runs
+
+    assert [(r["run_id"], r["status"]) for r in list_runs(str(out))] == [
+        ("e", "completed"),
+        ("n1", "completed"),
+        ("n2", "completed"),
+    ]
+
+
+def test_a_failing_run_is_recorded_failed_without_retries_and_a_rerun_resumes_it(tmp_path, sample_dir, model_path):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "images").write_text("a file where the images/ table should be")  # writing any shard fails
+    state = annotate(
+        source=str(sample_dir / "photos"), out=str(out), model=model_path, run_id="f", shard_size=2, return_state=True
+    )
+    assert state.is_failed()
+    run = json.loads((out / "runs" / "f.json").read_text())
+    assert run["status"] == "failed" and "Error" in run["error"]
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [state.state_details.flow_run_id]}))
+    shards = [t for t in tasks if t.name.startswith("annotate_shard")]
+    assert shards and all(t.state.is_failed() and t.run_count == 1 for t in shards)  # not transient: no retry
+    (out / "images").unlink()
+    doc = annotate(source=str(sample_dir / "photos"), out=str(out), model=model_path, run_id="f", shard_size=2)
+    assert (doc["status"], doc["attempts"], doc["counts"]["images"], "error" in doc) == ("completed", 2, 3, False)
+
+
+def test_progress_artifact_moves_within_a_shard(tmp_path, sample_dir, model_path):
+    """Progress moves about every second, not once per shard: here one shard of 480 images."""
+    import threading
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter
+
+    src = _copies(tmp_path, sample_dir, 8)
+    result = {}
+    worker = threading.Thread(
+        target=lambda: result.update(
+            doc=annotate(source=str(src), out=str(tmp_path / "out"), model=model_path, shard_size=1000, run_id="p")
+        )
+    )
+    seen = []
+    key = ArtifactFilter(key={"any_": ["annotate-progress"]})
+    with get_client(sync_client=True) as client:
+        before = {a.id for a in client.read_artifacts(artifact_filter=key)}
+        worker.start()
+        while worker.is_alive() or not seen or seen[-1] != 100.0:
+            arts = client.read_artifacts(artifact_filter=key)
+            mine = [a for a in arts if a.id not in before]
+            if mine and (not seen or mine[0].data != seen[-1]):
+                seen.append(mine[0].data)
+            if not worker.is_alive() and seen and seen[-1] != 100.0:
+                break
+            time.sleep(0.1)
+    worker.join()
+    assert result["doc"]["counts"]["images"] == 480 and result["doc"]["shards"] == 1
+    inside = [v for v in seen if 0 < v < 100]
+    assert len(inside) >= 3, seen  # several updates while the only shard ran
+    assert inside == sorted(inside) and seen[-1] == 100.0
+
+
+def test_terminal_bar_moves_and_log_lines_do_not_tear_it(tmp_path, sample_dir, model_path):
+    """`fkd annotate` on a terminal (a pty here): the bar moves within shards, each log line stands on its own."""
+    import pty
+    import re
+    import select
+
+    src = _copies(tmp_path, sample_dir, 8)
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "INFO", "COLUMNS": "120", "TERM": "xterm"}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [str(BIN / "fkd"), "annotate", str(src), str(tmp_path / "out"), "--shard-size", "160", "--model", model_path]
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, env=env, stdin=slave, stdout=subprocess.DEVNULL, stderr=slave, close_fds=True)
+    os.close(slave)
+    raw = b""
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                raw += chunk
+            elif proc.poll() is not None:
+                break
+        assert proc.wait(timeout=60) == 0, raw.decode(errors="replace")[-3000:]
+    finally:
+        os.close(master)
+        stop(proc)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07", "", raw.decode(errors="replace"))
+    lines = [seg for line in re.split(r"[\r\n]", text) for seg in [line.strip()] if seg]
+    counts = {int(m.group(1)) for line in lines for m in [re.search(r"(\d+)/480", line)] if m}
+    assert len({c for c in counts if 0 < c < 480}) >= 4, counts  # the bar moved, within and across shards
+    shard_logs = [line for line in lines if "shard done" in line]
+    assert len(shard_logs) == 3
+    for line in shard_logs:
+        assert "/480" not in line and "━" not in line, line  # no bar fragments inside a log line
+        assert re.match(r"^\d\d:\d\d:\d\d\.\d+ \| INFO", line), line
+        assert re.search(r"\d+\.\d images/s$", line), line  # the throughput figure stays

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.flows
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory, sample_dir, sample_csv):
     out = tmp_path_factory.mktemp("ingest")
-    report = ingest(IngestConfig(csv=str(sample_csv), images=str(sample_dir / "images"), out=str(out), shard_size=16))
+    report = ingest(csv=str(sample_csv), images=str(sample_dir / "images"), out=str(out), shard_size=16)
     return out, report
 
 
@@ -66,7 +66,7 @@ def test_bad_rows_and_missing_images_are_refused_with_reasons(tmp_path, sample_d
     ]
     csv = tmp_path / "bad.csv"
     csv.write_text("\n".join(lines_out) + "\n")
-    report = ingest(IngestConfig(csv=str(csv), images=str(sample_dir / "images"), out=str(tmp_path / "out")))
+    report = ingest(csv=str(csv), images=str(sample_dir / "images"), out=str(tmp_path / "out"))
     assert report["rows_kept"] == 1
     refused = "\n".join(report["refused"])
     assert "bad.csv row 3: 135 columns, expected 137" in refused

@@ -8,8 +8,8 @@ import pytest
 
 from fkd_core.image_io import list_images
 from fkd_core.parquet_io import output_tables
-from flows.annotate import AnnotateConfig, annotate
-from flows.ingest import IngestConfig, ingest
+from flows.annotate import annotate
+from flows.ingest import ingest
 from tests.flows.test_annotate import faces_by_image
 
 pytestmark = pytest.mark.flows
@@ -64,22 +64,19 @@ def _assert_same(a, b):
 @pytest.mark.s3
 def test_annotate_bucket_to_bucket_equals_the_local_run(tmp_path, s3fs_clean, sample_dir, model_path, caplog, capsys):
     names = _upload(s3fs_clean, "fkd-in", sample_dir)
+    s3fs_clean.mkdir("fkd-out")  # buckets are the operator's to make: fkd refuses a missing one
     assert len(list_images("s3://fkd-in/in")) == 26
-    s3_doc = annotate(
-        AnnotateConfig(source="s3://fkd-in/in", out="s3://fkd-out/ann", model=model_path, shard_size=10, run_id="s3")
-    )
+    s3_doc = annotate(source="s3://fkd-in/in", out="s3://fkd-out/ann", model=model_path, shard_size=10, run_id="s3")
     assert s3_doc["counts_this_attempt"]["images"] == 26
     assert s3fs_clean.exists("fkd-out/ann/runs/s3.json")
     assert s3fs_clean.exists("fkd-out/ann/images/run_id=s3/part-00002.parquet")
     local = tmp_path / "local"
     annotate(
-        AnnotateConfig(
-            source=str(_local_copy(tmp_path, sample_dir, names)),
-            out=str(local),
-            model=model_path,
-            shard_size=10,
-            run_id="s3",
-        )
+        source=str(_local_copy(tmp_path, sample_dir, names)),
+        out=str(local),
+        model=model_path,
+        shard_size=10,
+        run_id="s3",
     )
     s3_rows, local_rows = _rows("s3://fkd-out/ann"), _rows(local)
     assert s3_rows[0]["broken.jpg"][0] == "error" and s3_rows[0]["photos/obamas.jpg"][1] == 2
@@ -98,15 +95,13 @@ def test_ingest_reads_csv_and_images_from_a_bucket(tmp_path, s3fs_clean, sample_
     s3fs_clean.put(str(sample_dir / "images"), "fkd-train/images", recursive=True)
     s3fs_clean.put_file(str(sample_csv), "fkd-train/keypoints.csv")
     report = ingest(
-        IngestConfig(
-            csv="s3://fkd-train/keypoints.csv", images="s3://fkd-train/images", out="s3://fkd-train/out", shard_size=30
-        )
+        csv="s3://fkd-train/keypoints.csv", images="s3://fkd-train/images", out="s3://fkd-train/out", shard_size=30
     )
     assert report["rows_kept"] == 60 and report["rows_refused"] == 0
     from fkd_core.parquet_io import read_examples
 
     crops, kp, ids = read_examples("s3://fkd-train/out/examples")
-    local = ingest(IngestConfig(csv=str(sample_csv), images=str(sample_dir / "images"), out=str(tmp_path / "o")))
+    local = ingest(csv=str(sample_csv), images=str(sample_dir / "images"), out=str(tmp_path / "o"))
     lcrops, lkp, lids = read_examples(str(tmp_path / "o" / "examples"))
     assert ids == lids and np.array_equal(crops, lcrops) and np.allclose(kp, lkp)
     assert local["boxes_from_haar"] == report["boxes_from_haar"]
@@ -116,17 +111,15 @@ def test_ingest_reads_csv_and_images_from_a_bucket(tmp_path, s3fs_clean, sample_
 def test_annotate_on_dask_equals_the_local_run(tmp_path, dask_cluster, sample_dir, model_path):
     src = str(sample_dir / "images")
     doc = annotate(
-        AnnotateConfig(
-            source=src,
-            out=str(tmp_path / "dask"),
-            model=model_path,
-            shard_size=10,
-            run_id="d",
-            dask_address=dask_cluster,
-        )
+        source=src,
+        out=str(tmp_path / "dask"),
+        model=model_path,
+        shard_size=10,
+        run_id="d",
+        dask_address=dask_cluster,
     )
     assert doc["shards_run_now"] == 6
-    annotate(AnnotateConfig(source=src, out=str(tmp_path / "local"), model=model_path, shard_size=10, run_id="d"))
+    annotate(source=src, out=str(tmp_path / "local"), model=model_path, shard_size=10, run_id="d")
     a, b = output_tables(str(tmp_path / "dask")), output_tables(str(tmp_path / "local"))
     ia, ib = a["images"].to_table().sort_by("image_uri"), b["images"].to_table().sort_by("image_uri")
     for col in ("image_uri", "status", "n_faces", "width", "height", "bytes", "sha256"):
@@ -147,3 +140,51 @@ def _debug(fa, fb):
     for k in fa:
         if fa[k][0] != fb[k][0] or not np.allclose(fa[k][1], fb[k][1], atol=1e-3):
             print(k, fa[k][0], fb[k][0], np.abs(fa[k][1] - fb[k][1]).max())
+
+
+@pytest.mark.s3
+def test_buckets_are_never_created_and_an_empty_prefix_is_a_run_with_nothing_to_do(s3fs_clean, sample_dir, model_path):
+    import subprocess
+
+    from fkd_core.errors import BucketNotFound
+    from tests.flows.conftest import BIN
+
+    s3fs_clean.mkdir("fkd-src")
+    s3fs_clean.put_file(str(sample_dir / "photos" / "obamas.jpg"), "fkd-src/incoming/obamas.jpg")
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env.pop("PREFECT_API_URL", None)
+    cli = subprocess.run(
+        [str(BIN / "fkd"), "annotate", "s3://fkd-src/incoming", "s3://nobucket/out", "--model", model_path],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    assert cli.stderr.strip() == (
+        "fkd: output bucket s3://nobucket does not exist (for s3://nobucket/out); fkd never creates buckets"
+    )
+    missing_source = subprocess.run(
+        [str(BIN / "fkd"), "annotate", "s3://nosource/in", "s3://fkd-src/out", "--model", model_path],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert missing_source.returncode == 2 and "source bucket s3://nosource does not exist" in missing_source.stderr
+    s3fs_clean.invalidate_cache()
+    assert not s3fs_clean.exists("nobucket") and not s3fs_clean.exists("nosource")
+    assert not s3fs_clean.exists("fkd-src/out")  # nothing written for a run that could not start
+    with pytest.raises(BucketNotFound, match="s3://nobucket"):
+        annotate(source="s3://fkd-src/incoming", out="s3://nobucket/out", model=model_path)
+    # an empty prefix in an existing bucket: object stores have no directories, so nothing to do is not an error
+    doc = annotate(source="s3://fkd-src/nothing-yet", out="s3://fkd-src/out", model=model_path, run_id="quiet")
+    assert doc["status"] == "completed" and doc["counts"]["images"] == 0
+    s3fs_clean.invalidate_cache()
+    assert json.loads(s3fs_clean.cat_file("fkd-src/out/runs/quiet.json"))["status"] == "completed"
+    assert "nobucket" not in s3fs_clean.ls("")
+    # below the checks too: writing into a missing bucket fails, it does not make the bucket
+    from fkd_core.parquet_io import write_json
+
+    with pytest.raises(FileNotFoundError):
+        write_json({"a": 1}, "s3://nobucket2/out/runs/x.json")
+    s3fs_clean.invalidate_cache()
+    assert not s3fs_clean.exists("nobucket2")

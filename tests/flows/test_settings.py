@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from flows.settings import FkdSettings, SettingsError, load_settings
+from flows.settings import FkdSettings, SettingsError, load_settings, unknown_variables
 from tests.flows.conftest import BIN
 
 
@@ -21,9 +21,11 @@ def test_env_overrides_toml_and_cli_overrides_env(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "env,message",
     [
-        ({"FKD_SHARD_SIZE": "0"}, "shard_size (FKD_SHARD_SIZE): Input should be greater than or equal to 1"),
-        ({"FKD_WORKERS": "many"}, "workers (FKD_WORKERS): Input should be a valid integer"),
+        ({"FKD_SHARD_SIZE": "0"}, "FKD_SHARD_SIZE (environment): Input should be greater than or equal to 1"),
+        ({"FKD_WORKERS": "many"}, "FKD_WORKERS (environment): Input should be a valid integer"),
         ({"FKD_CONFIG": "/nonexistent/fkd.toml"}, "FKD_CONFIG names '/nonexistent/fkd.toml', which does not exist"),
+        ({"FKD_NIGHTLY_CRON": "every night"}, "FKD_NIGHTLY_CRON (environment): 'every night' is not a cron expression"),
+        ({"FKD_NIGHTLY_CRON": "0 25 * * *"}, "FKD_NIGHTLY_CRON (environment): '0 25 * * *' is not a cron expression"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_variable(monkeypatch, env, message):
@@ -38,8 +40,70 @@ def test_unknown_toml_key_is_refused_naming_the_file(tmp_path, monkeypatch):
     toml = tmp_path / "x.toml"
     toml.write_text("shard_sise = 3\n")
     monkeypatch.setenv("FKD_CONFIG", str(toml))
-    with pytest.raises(SettingsError, match=r"x.toml: shard_sise .*Extra inputs are not permitted"):
+    with pytest.raises(SettingsError, match=r"shard_sise in .*x.toml: Extra inputs are not permitted"):
         load_settings()
+
+
+def test_a_bad_toml_file_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    toml = tmp_path / "broken.toml"
+    toml.write_text("shard_size = \n")
+    monkeypatch.setenv("FKD_CONFIG", str(toml))
+    with pytest.raises(SettingsError, match=r"broken.toml is not valid TOML: .*line 1"):
+        load_settings()
+    out = subprocess.run(
+        [str(BIN / "fkd"), "settings"], capture_output=True, text=True, env={**os.environ, "FKD_CONFIG": str(toml)}
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "broken.toml is not valid TOML" in out.stderr
+
+
+def test_a_bad_cli_flag_is_blamed_on_the_flag(tmp_path):
+    out = subprocess.run(
+        [str(BIN / "fkd"), "annotate", str(tmp_path), str(tmp_path / "o"), "--shard-size", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--shard-size: Input should be greater than or equal to 1" in out.stderr
+    assert "environment" not in out.stderr and "FKD_SHARD_SIZE" not in out.stderr
+
+
+def test_a_misspelt_variable_is_warned_about():
+    assert unknown_variables({"FKD_SHARDSIZE": "3", "FKD_MODEL": "m", "FKD_CONFIG": "x", "OTHER": "1"}) == [
+        "warning: FKD_SHARDSIZE is not an fkd setting and is ignored; did you mean FKD_SHARD_SIZE?"
+    ]
+    out = subprocess.run(
+        [str(BIN / "fkd"), "settings", "--get", "shard_size"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FKD_NIGHTLY_SORCE": "s3://b/in"},
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "500"
+    assert "FKD_NIGHTLY_SORCE is not an fkd setting and is ignored; did you mean FKD_NIGHTLY_SOURCE?" in out.stderr
+
+
+def test_evaluate_honours_fkd_model_and_a_missing_model_names_the_path_given(tmp_path, sample_csv, sample_dir):
+    missing = tmp_path / "nowhere" / "mine.safetensors"
+    for command in (
+        ["evaluate", str(sample_csv), str(sample_dir / "images"), str(tmp_path / "e")],
+        ["annotate", str(sample_dir / "photos"), str(tmp_path / "a")],
+    ):
+        out = subprocess.run(
+            [str(BIN / "fkd"), *command], capture_output=True, text=True, env={**os.environ, "FKD_MODEL": str(missing)}
+        )
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.strip() == f"fkd: model {missing} does not exist", command
+    assert not (tmp_path / "e").exists() and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("user_value,expected", [(None, ("1", "false")), ("0", ("0", "false"))])
+def test_prefect_telemetry_is_off_unless_the_user_turns_it_on(user_value, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("DO_NOT_TRACK", "PREFECT_SERVER_ANALYTICS_ENABLED")}
+    if user_value is not None:
+        env["DO_NOT_TRACK"] = user_value
+    code = "import os, flows.cli; print(os.environ['DO_NOT_TRACK'], os.environ['PREFECT_SERVER_ANALYTICS_ENABLED'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert tuple(out.stdout.split()) == expected
 
 
 def test_cli_reports_bad_settings_without_a_traceback(tmp_path):
@@ -99,7 +163,8 @@ def test_cli_defaults_are_the_flow_config_defaults(command, config):
     module, cls = config.split(":")
     fields = getattr(importlib.import_module(module), cls).model_fields
     params = inspect.signature(getattr(flows.cli, command)).parameters
-    shared = [n for n, p in params.items() if n in fields and p.default is not inspect.Parameter.empty]
+    # an option that defaults to None takes its value from the fkd settings (FKD_*), tested apart
+    shared = [n for n, p in params.items() if n in fields and p.default not in (inspect.Parameter.empty, None)]
     assert shared, "no option shares a name with the config"
     for name in shared:
         assert params[name].default == fields[name].default, name
@@ -123,3 +188,31 @@ def test_cli_refuses_a_gpu_where_torch_sees_none(tmp_path):
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert out.returncode != 0 and "torch sees no CUDA GPU" in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    "flow,config",
+    [
+        ("flows.annotate:annotate", "AnnotateConfig"),
+        ("flows.ingest:ingest", "IngestConfig"),
+        ("flows.train:train", "TrainConfig"),
+        ("flows.evaluate:evaluate", "EvaluateConfig"),
+    ],
+)
+def test_flows_take_their_config_fields_as_flat_parameters(flow, config):
+    """`prefect deployment run ... --param source=...` needs flat parameters; they are the config's fields."""
+    import importlib
+
+    from prefect.utilities.callables import parameter_schema
+
+    module, name = flow.split(":")
+    mod = importlib.import_module(module)
+    fields = getattr(mod, config).model_fields
+    schema = parameter_schema(getattr(mod, name))
+    assert list(schema.properties) == list(fields)
+    assert set(schema.required or []) == {n for n, f in fields.items() if f.is_required()}
+    for n, f in fields.items():
+        if f.description:
+            assert schema.properties[n].get("description") == f.description, n
+        if not f.is_required():
+            assert schema.properties[n].get("default") == f.default, n

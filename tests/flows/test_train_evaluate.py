@@ -10,12 +10,13 @@ import torch
 
 from fkd_core.checkpoint import load_checkpoint, save_checkpoint
 from fkd_core.detect import DetectorConfig
+from fkd_core.errors import UserError
 from fkd_core.geometry import CropPolicy
 from fkd_core.model import NaimishNet
 from fkd_core.parquet_io import read_examples
-from flows.evaluate import EvaluateConfig, evaluate
-from flows.ingest import IngestConfig, ingest
-from flows.train import TrainConfig, train
+from flows.evaluate import evaluate
+from flows.ingest import ingest
+from flows.train import train
 
 pytestmark = pytest.mark.flows
 
@@ -23,14 +24,14 @@ pytestmark = pytest.mark.flows
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory, sample_dir, sample_csv):
     out = tmp_path_factory.mktemp("ex")
-    ingest(IngestConfig(csv=str(sample_csv), images=str(sample_dir / "images"), out=str(out)))
+    ingest(csv=str(sample_csv), images=str(sample_dir / "images"), out=str(out))
     return str(out / "examples")
 
 
 def test_train_writes_a_deterministic_checkpoint_with_its_record(tmp_path, examples):
     cfg = dict(examples=examples, epochs=2, batch_size=16, seed=3, threads=1)
-    a = train(TrainConfig(out_dir=str(tmp_path / "a"), name="tiny", **cfg))
-    b = train(TrainConfig(out_dir=str(tmp_path / "b"), name="tiny", **cfg))
+    a = train(out_dir=str(tmp_path / "a"), name="tiny", **cfg)
+    b = train(out_dir=str(tmp_path / "b"), name="tiny", **cfg)
     assert a["model_id"] == b["model_id"]  # same seed and data: byte-identical weights
     doc = json.loads((tmp_path / "a" / "tiny.json").read_text())
     assert doc["seed"] == 3 and doc["train"]["epochs_run"] == 2 == len(doc["history"]["epochs"])
@@ -45,7 +46,7 @@ def test_train_writes_a_deterministic_checkpoint_with_its_record(tmp_path, examp
     assert all(np.isfinite(e["val_mse"]) for e in doc["history"]["epochs"])
     png = cv2.imread(str(tmp_path / "a" / "tiny_loss.png"))
     assert png is not None and png.shape[0] > 100
-    c = train(TrainConfig(out_dir=str(tmp_path / "c"), name="tiny", **{**cfg, "seed": 4}))
+    c = train(out_dir=str(tmp_path / "c"), name="tiny", **{**cfg, "seed": 4})
     assert c["model_id"] != a["model_id"]
     loaded = load_checkpoint(str(tmp_path / "a" / "tiny.safetensors"))
     assert loaded.model_id == a["model_id"]
@@ -61,18 +62,14 @@ def test_train_records_the_detector_that_cut_its_crops(tmp_path, examples):
     shutil.copytree(src, copy)
     report["detector"] = {**report["detector"], "min_neighbors": 4, "fallback_min_neighbors": 2}
     (copy / "ingest_report.json").write_text(json.dumps(report))
-    train(TrainConfig(examples=str(copy / "examples"), out_dir=str(tmp_path), name="d", epochs=1, threads=1))
+    train(examples=str(copy / "examples"), out_dir=str(tmp_path), name="d", epochs=1, threads=1)
     loaded = load_checkpoint(str(tmp_path / "d.safetensors"))
     assert (loaded.detector.min_neighbors, loaded.detector.fallback_min_neighbors) == (4, 2)
     assert loaded.meta["data"]["detector"]["min_neighbors"] == 4
 
 
 def test_evaluate_scores_the_shipped_model_end_to_end(tmp_path, sample_dir, sample_csv, model_path):
-    doc = evaluate(
-        EvaluateConfig(
-            csv=str(sample_csv), images=str(sample_dir / "images"), out=str(tmp_path), model=model_path, worst=6
-        )
-    )
+    doc = evaluate(csv=str(sample_csv), images=str(sample_dir / "images"), out=str(tmp_path), model=model_path, worst=6)
     m = doc["metrics"]
     assert m["faces"] == 60 and m["detection_rate"] > 0.9
     assert doc["detector"] == load_checkpoint(model_path).detector.to_record()
@@ -95,14 +92,12 @@ def test_evaluate_scores_the_shipped_model_end_to_end(tmp_path, sample_dir, samp
     assert frontal["faces"] == np.sum(yaws < 0.5)
     assert frontal["nme_mean"] == pytest.approx(np.nanmean(nmes[yaws < 0.5]))
     val = evaluate(
-        EvaluateConfig(
-            csv=str(sample_csv),
-            images=str(sample_dir / "images"),
-            out=str(tmp_path / "v"),
-            model=model_path,
-            split="val",
-            worst=0,
-        )
+        csv=str(sample_csv),
+        images=str(sample_dir / "images"),
+        out=str(tmp_path / "v"),
+        model=model_path,
+        split="val",
+        worst=0,
     )
     assert 0 < val["metrics"]["faces"] < 60 and val["split_by"] == "person"
 
@@ -112,9 +107,9 @@ def test_refining_stage_is_trained_for_a_first_stage_and_used_end_to_end(tmp_pat
     from flows.train import val_nme
 
     cfg = dict(examples=examples, epochs=1, batch_size=16, seed=0, threads=1)
-    one = train(TrainConfig(out_dir=str(tmp_path), name="one", **cfg))
+    one = train(out_dir=str(tmp_path), name="one", **cfg)
     first_uri = str(tmp_path / "one.safetensors")
-    two = train(TrainConfig(out_dir=str(tmp_path), name="two", refine_of=first_uri, **{**cfg, "epochs": 2}))
+    two = train(out_dir=str(tmp_path), name="two", refine_of=first_uri, **{**cfg, "epochs": 2})
     first, loaded = load_checkpoint(first_uri), load_checkpoint(str(tmp_path / "two.safetensors"))
     assert loaded.model_id == two["model_id"] != one["model_id"]
     assert loaded.refine is not None and loaded.align is not None and loaded.align.context_size == 144
@@ -129,26 +124,22 @@ def test_refining_stage_is_trained_for_a_first_stage_and_used_end_to_end(tmp_pat
     assert evaluate_arrays(loaded.model, *val, 1 / 1.5)[1] == pytest.approx(one["val_nme"], abs=2e-4)
     # evaluate and annotate run both stages: same boxes as the first stage alone, other keypoints
     m1 = evaluate(
-        EvaluateConfig(
-            csv=str(sample_csv), images=str(sample_dir / "images"), out=str(tmp_path / "e1"), model=first_uri, worst=0
-        )
+        csv=str(sample_csv), images=str(sample_dir / "images"), out=str(tmp_path / "e1"), model=first_uri, worst=0
     )
     m2 = evaluate(
-        EvaluateConfig(
-            csv=str(sample_csv),
-            images=str(sample_dir / "images"),
-            out=str(tmp_path / "e2"),
-            model=str(tmp_path / "two.safetensors"),
-            worst=0,
-        )
+        csv=str(sample_csv),
+        images=str(sample_dir / "images"),
+        out=str(tmp_path / "e2"),
+        model=str(tmp_path / "two.safetensors"),
+        worst=0,
     )
     f1, f2 = (pq.read_table(tmp_path / d / "faces.parquet").to_pandas() for d in ("e1", "e2"))
     assert (f1["box_x"].fillna(-1) == f2["box_x"].fillna(-1)).all()
     assert m2["metrics"]["detection_rate"] == m1["metrics"]["detection_rate"]
     assert m2["metrics"]["nme_mean"] != m1["metrics"]["nme_mean"]
     # a two-stage checkpoint cannot be refined again, and crop policies must agree
-    with pytest.raises(ValueError, match="already has a refining stage"):
-        train(TrainConfig(out_dir=str(tmp_path), name="three", refine_of=str(tmp_path / "two.safetensors"), **cfg))
+    with pytest.raises(UserError, match="already has a refining stage"):
+        train(out_dir=str(tmp_path), name="three", refine_of=str(tmp_path / "two.safetensors"), **cfg)
     save_checkpoint(
         NaimishNet(),
         str(tmp_path / "wide.safetensors"),
@@ -156,5 +147,5 @@ def test_refining_stage_is_trained_for_a_first_stage_and_used_end_to_end(tmp_pat
         detector=DetectorConfig(),
         meta={},
     )
-    with pytest.raises(ValueError, match=r"was trained on crops with CropPolicy\(scale=1.5"):
-        train(TrainConfig(out_dir=str(tmp_path), name="four", refine_of=str(tmp_path / "wide.safetensors"), **cfg))
+    with pytest.raises(UserError, match=r"was trained on crops with CropPolicy\(scale=1.5"):
+        train(out_dir=str(tmp_path), name="four", refine_of=str(tmp_path / "wide.safetensors"), **cfg)
