@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 from tests.conftest import free_port
 
 BIN = Path(sys.executable).parent
+PG_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15 package
 SECRET = "fkd-sentinel-secret-7f3a"  # moto accepts any credentials; the tests check this never leaks
 
 
@@ -155,3 +158,159 @@ def dask_cluster(tmp_path_factory):
     finally:
         for p in reversed(procs):
             stop(p)
+
+
+_PG_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}  # no PG* variables from the caller
+
+
+def _as_postgres(cmd: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a PostgreSQL tool as the ``postgres`` user (initdb, pg_ctl and postgres refuse to run as root)."""
+    return subprocess.run(
+        cmd,
+        user="postgres",
+        group="postgres",
+        extra_groups=[],
+        cwd=cwd,
+        env=_PG_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has already exited
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except (FileNotFoundError, ValueError):
+            pass
+    return kids
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL 15 cluster on 127.0.0.1 (trust auth, sockets in its own temp dir) with a
+    ``prefect`` database; yields its SQLAlchemy URL for Prefect. Stopped by PID and removed at teardown.
+
+    The postmaster is started directly (not by ``pg_ctl start``, which detaches it) so that it is our child:
+    we reap it, and ``stop`` can kill its whole process group, backends included."""
+    missing = [n for n in ("initdb", "postgres", "pg_ctl", "pg_isready", "createdb") if not (PG_BIN / n).is_file()]
+    if missing:
+        pytest.fail(
+            f"PostgreSQL 15 binaries {missing} not found in {PG_BIN}: install Debian's postgresql-15 package "
+            "(apt-get install postgresql-15)",
+            pytrace=False,
+        )
+    port = free_port()
+    base = Path(tempfile.mkdtemp(prefix="fkd-pg-"))
+    shutil.chown(base, "postgres", "postgres")
+    data = base / "data"
+    proc = None
+    pid = None
+    try:
+        out = _as_postgres(
+            [str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
+            + ["--locale=C", "--no-sync"],
+            cwd=base,
+        )
+        assert out.returncode == 0, f"initdb failed:\n{out.stdout}\n{out.stderr}"
+        with open(base / "postgres.log", "w") as log:
+            proc = subprocess.Popen(
+                [str(PG_BIN / "postgres"), "-D", str(data), "-p", str(port), "-k", str(base)]
+                + ["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off"],
+                user="postgres",
+                group="postgres",
+                extra_groups=[],
+                cwd=base,
+                env=_PG_ENV,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            ready = subprocess.run(
+                [str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-t", "2"],
+                env=_PG_ENV,
+                capture_output=True,
+            )
+            if ready.returncode == 0:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log_text = (base / "postgres.log").read_text()[-3000:]
+                pytest.fail(f"PostgreSQL did not start on 127.0.0.1:{port}:\n{log_text}", pytrace=False)
+            time.sleep(0.2)
+        pid = int((data / "postmaster.pid").read_text().split()[0])
+        assert pid == proc.pid
+        out = _as_postgres([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "prefect"], cwd=base)
+        assert out.returncode == 0, f"createdb failed:\n{out.stdout}\n{out.stderr}"
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
+    finally:
+        if proc is not None:
+            if proc.poll() is None:
+                _as_postgres([str(PG_BIN / "pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w", "-t", "30"], base)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+            if pid is not None and _pid_alive(pid):
+                # pg_ctl could not stop it: kill the postmaster by the PID in postmaster.pid, and its children
+                # (each backend is its own process group leader, so killing the postmaster's group misses them)
+                children = _children(pid)
+                os.kill(pid, signal.SIGKILL)
+                for child in children:
+                    try:
+                        os.kill(child, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            stop(proc)  # reaps the postmaster
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def start_prefect_server(
+    tmp_path: Path, env: dict[str, str], db_url: str | None = None
+) -> tuple[subprocess.Popen, str]:
+    """Start ``prefect server start`` on 127.0.0.1 and a free port, with its own PREFECT_HOME under ``tmp_path``
+    and its database at ``db_url`` (SQLite in that home when None). Returns the process and its API URL once
+    /api/health answers; the caller stops it with ``stop``. Output goes to ``tmp_path / "server.log"``."""
+    port = free_port()
+    home = tmp_path / "prefect-server-home"
+    home.mkdir(parents=True, exist_ok=True)
+    env = dict(env)
+    env.pop("PREFECT_API_URL", None)  # the server is not a client of another API
+    env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+    if db_url is not None:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = db_url
+    env.update(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_UI_ENABLED": "false",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+        }
+    )
+    with open(tmp_path / "server.log", "w") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    api_url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(f"{api_url}/health", timeout=120)
+    except BaseException:
+        stop(proc)
+        tail = (tmp_path / "server.log").read_text()[-3000:]
+        raise RuntimeError(f"prefect server did not become healthy; server.log ends:\n{tail}") from None
+    return proc, api_url
