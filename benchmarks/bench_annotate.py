@@ -1,12 +1,16 @@
 """Annotate throughput against its floor, and peak memory on a large corpus.
 
-    python benchmarks/bench_annotate.py ratio  [--n 2400] [--shard-size 500]
-    python benchmarks/bench_annotate.py memory [--n 20000]
+    python benchmarks/bench_annotate.py ratio    [--n 2400] [--shard-size 500]
+    python benchmarks/bench_annotate.py memory   [--n 20000]
+    python benchmarks/bench_annotate.py batching [--n 1000] [--shard-size 500]
 
 `ratio` times, in one process and one run, a bare loop of read + decode + Haar (the floor of this design:
 every image must be decoded and searched for faces) and the full annotate flow on the same images; it reports
 both rates and flow/loop. `memory` runs the flow over N images (the training set repeated under new names)
-in a child process and reports that process's peak RSS. Images come from ../shared/data.
+in a child process and reports that process's peak RSS. `batching` times one shard's work (fkd_core, no
+Prefect) with the model run on every 32 images as they come (what annotate does, so that progress moves and
+only 32 images' crops are held) against once over the whole shard (before), alternating A/B/A/B in one run.
+Images come from ../shared/data.
 """
 
 from __future__ import annotations
@@ -101,12 +105,44 @@ def ratio(args) -> dict:
     )
 
 
+def batching(args) -> dict:
+    from fkd_core.annotate import AnnotateSettings, annotate_images
+    from fkd_core.image_io import list_images
+    from flows._common import cached_predictor
+
+    predictor, loaded = cached_predictor(args.model)
+    shard = args.shard_size[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        uris = list_images(str(make_corpus(Path(args.images), args.n, Path(tmp) / "in")))
+        shards = [uris[i : i + shard] for i in range(0, len(uris), shard)]
+        variants = {"every_32": AnnotateSettings(detector=loaded.detector, model_every=32),
+                    "whole_shard": AnnotateSettings(detector=loaded.detector, model_every=10**9)}  # fmt: skip
+        annotate_images(uris[:64], predictor, variants["every_32"])  # warm up: model export, page cache
+        seconds = {k: 0.0 for k in variants}
+        faces = {}
+        for _ in range(2):
+            for name, settings in variants.items():
+                t0 = time.perf_counter()
+                images = [im for s in shards for im in annotate_images(s, predictor, settings)]
+                seconds[name] += time.perf_counter() - t0
+                kp = np.concatenate([np.stack(im.keypoints) for im in images if im.keypoints])
+                faces[name] = kp
+    rate = {k: 2 * len(uris) / v for k, v in seconds.items()}
+    return {
+        "images": len(uris),
+        "shard_size": shard,
+        "images_per_s": {k: round(v, 1) for k, v in rate.items()},
+        "every_32_over_whole_shard": round(rate["every_32"] / rate["whole_shard"], 3),
+        "max_keypoint_difference_px": float(np.abs(faces["every_32"] - faces["whole_shard"]).max()),
+    }
+
+
 def memory(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = make_corpus(Path(args.images), args.n, Path(tmp) / "in")
         code = (
             "import json, resource, time\n"
-            "from flows.annotate import AnnotateConfig, annotate\n"
+            "from flows.annotate import annotate\n"
             "t0 = time.perf_counter()\n"
             f"doc = annotate(source={str(corpus)!r}, out={tmp + '/out'!r}, "
             f"shard_size={args.shard_size[0]}, model={args.model!r})\n"
@@ -130,16 +166,16 @@ def main() -> None:
     from fkd_core.checkpoint import DEFAULT_MODEL
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["ratio", "memory"])
+    ap.add_argument("mode", choices=["ratio", "memory", "batching"])
     ap.add_argument("--n", type=int, default=None)
     ap.add_argument("--shard-size", type=int, nargs="+", default=[500])
     ap.add_argument("--images", default=str(DEFAULT_IMAGES))
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--compare-model", default=None, help="also time the flow with this checkpoint")
     args = ap.parse_args()
-    args.n = args.n or (2400 if args.mode == "ratio" else 20000)
+    args.n = args.n or {"ratio": 2400, "memory": 20000, "batching": 1000}[args.mode]
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    print(json.dumps(ratio(args) if args.mode == "ratio" else memory(args), indent=2))
+    print(json.dumps({"ratio": ratio, "memory": memory, "batching": batching}[args.mode](args), indent=2))
 
 
 if __name__ == "__main__":

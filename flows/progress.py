@@ -12,7 +12,6 @@ import logging
 import secrets
 import sys
 import threading
-import time
 from collections.abc import Callable
 
 _COUNTERS: dict[str, _Counter] = {}
@@ -36,21 +35,6 @@ class _Counter:
             self.value += n
 
 
-class _Batched:
-    """Send counts at most every ``seconds`` (Dask events are cheap, but not free per image)."""
-
-    def __init__(self, send: Callable[[int], None], seconds: float = 0.5) -> None:
-        self.send, self.seconds = send, seconds
-        self.pending, self.last = 0, time.monotonic()
-
-    def __call__(self, n: int) -> None:
-        self.pending += n
-        now = time.monotonic()
-        if now - self.last >= self.seconds:
-            self.send(self.pending)
-            self.pending, self.last = 0, now
-
-
 def progress_sink(key: str | None) -> Callable[[int], None] | None:
     """Where a shard task reports images done: the flow's counter if it runs in the flow's process, else Dask."""
     if not key:
@@ -64,7 +48,8 @@ def progress_sink(key: str | None) -> Callable[[int], None] | None:
         worker = get_worker()
     except (ImportError, ValueError):
         return None
-    return _Batched(lambda n: worker.log_event(_TOPIC + key, n))
+    # shards report every 32 images (the model's batch), so one event per report is cheap
+    return lambda n: worker.log_event(_TOPIC + key, n)
 
 
 class ProgressBoard:
@@ -90,7 +75,7 @@ class ProgressBoard:
 
     def listen_to(self, task_runner) -> None:
         """Also count the images that Dask workers report (shards on a cluster run in other processes)."""
-        client = getattr(task_runner, "_client", None)
+        client = getattr(task_runner, "client", None)  # prefect-dask's DaskTaskRunner.client (made on first use)
         if client is not None:
             client.subscribe_topic(_TOPIC + self.key, lambda event: self.counter.add(int(event[1])))
 

@@ -252,8 +252,11 @@ def test_sigterm_stops_serve_fast_and_the_interrupted_run_resumes_and_a_killed_o
         wait_for("a first shard", lambda: parts2.is_dir() and any(parts2.rglob("part-*.parquet")), 180, serve)
         os.killpg(serve.proc.pid, signal.SIGKILL)
         serve.proc.wait(timeout=30)
+        killed_at = time.monotonic()
         # the last heartbeat was at most 30 s before the kill; the automation waits three beats after it
         wait_state(server, run2, {"CRASHED"}, 150)
+        crashed_after = time.monotonic() - killed_at
+        print(f"fkd serve stopped by SIGTERM in {stopped_in:.1f} s; a killed run Crashed {crashed_after:.0f} s after")
         (record,) = list_runs(str(out2))
         resumed = subprocess.run(
             [str(BIN / "fkd"), "annotate", str(src), str(out2), "--run-id", record["run_id"], "--model", model_path],

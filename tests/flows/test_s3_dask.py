@@ -108,7 +108,14 @@ def test_ingest_reads_csv_and_images_from_a_bucket(tmp_path, s3fs_clean, sample_
 
 
 @pytest.mark.dask
-def test_annotate_on_dask_equals_the_local_run(tmp_path, dask_cluster, sample_dir, model_path):
+def test_annotate_on_dask_equals_the_local_run(tmp_path, dask_cluster, sample_dir, model_path, monkeypatch):
+    import flows.progress
+
+    reported = []  # images the board had counted from workers' events, at each tick
+    tick = flows.progress.ProgressBoard.tick
+    monkeypatch.setattr(
+        flows.progress.ProgressBoard, "tick", lambda self: (reported.append(self.counter.value), tick(self))[1]
+    )
     src = str(sample_dir / "images")
     doc = annotate(
         source=src,
@@ -119,6 +126,8 @@ def test_annotate_on_dask_equals_the_local_run(tmp_path, dask_cluster, sample_di
         dask_address=dask_cluster,
     )
     assert doc["shards_run_now"] == 6
+    # the shards ran in the workers' processes, and their progress came back as Dask events
+    assert max(reported) == 60
     annotate(source=src, out=str(tmp_path / "local"), model=model_path, shard_size=10, run_id="d")
     a, b = output_tables(str(tmp_path / "dask")), output_tables(str(tmp_path / "local"))
     ia, ib = a["images"].to_table().sort_by("image_uri"), b["images"].to_table().sort_by("image_uri")
@@ -127,7 +136,9 @@ def test_annotate_on_dask_equals_the_local_run(tmp_path, dask_cluster, sample_di
     fa, fb = faces_by_image(a["faces"].to_table()), faces_by_image(b["faces"].to_table())
     assert fa.keys() == fb.keys() and len(fa) >= 60
     _debug(fa, fb)
-    assert all(fa[k][0] == fb[k][0] and np.allclose(fa[k][1], fb[k][1], atol=1e-3) for k in fa)
+    # same boxes; keypoints equal to 0.02 px: a Dask worker's ONNX Runtime may use another thread count, so
+    # its sums run in another order (seen: 0.005 px after both stages), far below any real difference
+    assert all(fa[k][0] == fb[k][0] and np.allclose(fa[k][1], fb[k][1], atol=0.02) for k in fa)
     # the shards really ran on the workers, not in this process
     from distributed import Client
 
@@ -138,7 +149,7 @@ def test_annotate_on_dask_equals_the_local_run(tmp_path, dask_cluster, sample_di
 
 def _debug(fa, fb):
     for k in fa:
-        if fa[k][0] != fb[k][0] or not np.allclose(fa[k][1], fb[k][1], atol=1e-3):
+        if fa[k][0] != fb[k][0] or not np.allclose(fa[k][1], fb[k][1], atol=0.02):
             print(k, fa[k][0], fb[k][0], np.abs(fa[k][1] - fb[k][1]).max())
 
 
