@@ -197,8 +197,11 @@ def output_tables(out: str) -> dict[str, pads.Dataset]:
     tables = {}
     for name, schema in (("images", IMAGES_SCHEMA), ("faces", FACES_SCHEMA)):
         uri = join_uri(out, name)
-        if not exists(uri):
-            raise FileNotFoundError(f"no {name}/ table under {out}: is it an fkd annotate output?")
         full = pa.schema([*schema, pa.field("run_id", pa.string())])
-        tables[name] = dataset(uri, schema=full, partitioning="runs")
+        if exists(uri):
+            tables[name] = dataset(uri, schema=full, partitioning="runs")
+        elif exists(join_uri(out, "runs")):  # only runs with nothing to do so far: empty tables
+            tables[name] = pads.dataset(full.empty_table())
+        else:
+            raise FileNotFoundError(f"no {name}/ table under {out}: is it an fkd annotate output?")
     return tables

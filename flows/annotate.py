@@ -225,7 +225,7 @@ def _annotate(cfg: AnnotateConfig, loaded) -> dict:
         # an Exception is a failure; anything else (SIGTERM as Prefect's TerminationSignal, Ctrl-C) an interruption
         status = "failed" if isinstance(e, Exception) else "interrupted"
         try:
-            record.finish(status, error=f"{type(e).__name__}: {e}")
+            record.finish(status, error=_describe(e))
         except Exception as write_error:  # noqa: BLE001 - the run's own error is the one to raise
             log.warning("could not record run %s as %s: %s", run_id, status, write_error)
         raise
@@ -255,6 +255,17 @@ def _annotate(cfg: AnnotateConfig, loaded) -> dict:
     )
     log.info("run %s done: %s", run_id, summary)
     return record.doc
+
+
+def _describe(e: BaseException) -> str:
+    """What stopped a run, for its record: the error, or the signal that interrupted it."""
+    if isinstance(e, Exception):
+        return f"{type(e).__name__}: {e}"
+    import signal
+
+    signum = getattr(e, "signal", None)  # Prefect's TerminationSignal carries the signal number
+    how = signal.Signals(signum).name if signum else type(e).__name__
+    return f"interrupted by {how}; rerun the run id to resume"
 
 
 def _run_shards(cfg: AnnotateConfig, run_id: str, shards: list[list[str]], log) -> tuple[ShardCounts, list[int]]:

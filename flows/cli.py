@@ -122,7 +122,7 @@ def serve(
     if not (s.nightly_source and s.nightly_out):
         typer.echo("FKD_NIGHTLY_SOURCE / FKD_NIGHTLY_OUT not set: serving on-demand deployments only", err=True)
     try:
-        serve_all(s, interval)
+        serve_all(s, interval, announce=lambda names: typer.echo("fkd serve: serving " + ", ".join(names), err=True))
     except DeploymentConflict as e:
         _fail(str(e))
 
@@ -265,7 +265,19 @@ def runs(
     if not rows:
         typer.echo(f"no runs under {out}")
         return
-    cols = ("run_id", "status", "started_at", "images_planned", "images", "ok", "no_face", "error", "faces", "note")
+    cols = (
+        "run_id",
+        "status",
+        "attempts",
+        "started_at",
+        "planned",
+        "images",
+        "ok",
+        "no_face",
+        "error",
+        "faces",
+        "note",
+    )
     table = []
     for r in rows:
         counts = r.get("counts") or {}
@@ -274,6 +286,7 @@ def runs(
             [
                 r.get("run_id", ""),
                 r.get("status", ""),
+                r.get("attempts", ""),
                 (r.get("started_at") or "")[:19],
                 r.get("images_planned", ""),
                 *(counts.get(k, "") for k in ("images", "ok", "no_face", "error", "faces")),

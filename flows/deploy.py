@@ -132,7 +132,7 @@ def ensure_zombie_automation(heartbeat_seconds: int) -> None:
 STOP_GRACE_SECONDS = 6.0  # SIGTERM to in-flight runs, then SIGKILL: all within Docker's 10 s stop timeout
 
 
-def serve_all(settings: FkdSettings, interval: float | None = None) -> None:  # pragma: no cover - blocks
+def serve_all(settings: FkdSettings, interval: float | None = None, announce=None) -> None:  # pragma: no cover
     """Serve the deployments until SIGTERM or Ctrl-C.
 
     Flow runs started here send heartbeats (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, 30 s unless set), which the
@@ -149,6 +149,8 @@ def serve_all(settings: FkdSettings, interval: float | None = None) -> None:  # 
     deployments = build_deployments(settings, interval)
     check_no_pool_deployments(deployments)
     ensure_zombie_automation(int(os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]))
+    if announce is not None:
+        announce([f"{d.flow_name}/{d.name}" for d in deployments])
     runner = Runner(name="fkd-serve", pause_on_shutdown=False)
     for d in deployments:
         runner.add_deployment(d)
@@ -184,6 +186,11 @@ def stop(runner) -> None:  # pragma: no cover - exercised by the served-deployme
     try:
         with get_client(sync_client=True) as client:
             for fid in handles:
+                state = client.read_flow_run(fid).state
+                # a run that completed, failed or was cancelled before the signal reached it stays so; the one
+                # the signal stopped says Running or, as the engine reports a termination signal, Crashed
+                if state is not None and state.type.value in ("COMPLETED", "FAILED", "CANCELLED"):
+                    continue
                 client.set_flow_run_state(
                     fid, Scheduled(message="fkd serve stopped; resumes when served again"), force=True
                 )

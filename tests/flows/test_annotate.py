@@ -247,6 +247,7 @@ def test_runs_with_nothing_to_do_complete_with_zero_counts(tmp_path, sample_dir,
     doc = annotate(source=str(empty), out=str(out), model=model_path, run_id="e")
     assert doc["status"] == "completed" and doc["counts"] == zero and doc["images_planned"] == 0
     assert json.loads((out / "runs" / "e.json").read_text())["status"] == "completed"
+    assert {n: t.to_table().num_rows for n, t in output_tables(str(out)).items()} == {"images": 0, "faces": 0}
     src = tmp_path / "src"
     src.mkdir()
     for f in sorted((sample_dir / "photos").iterdir()):
