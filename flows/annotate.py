@@ -77,9 +77,16 @@ def preflight(cfg: AnnotateConfig):
     :class:`~fkd_core.errors.UserError` naming it. Object stores have no directories, so an empty or absent
     prefix in an existing bucket is a run with nothing to do, not an error.
     """
-    check_exists(cfg.source, "source", directory=True)
-    check_bucket(cfg.out, "output bucket")
+    check_locations.fn(cfg.source, cfg.out)
     return cached_predictor(cfg.model, cfg.refine)[1]
+
+
+@task(**IO_RETRY)
+def check_locations(source: str, out: str) -> None:
+    """The source exists (its bucket, on an object store) and so does the output's bucket; a store that does not
+    answer is retried like any other storage call."""
+    check_exists(source, "source", directory=True)
+    check_bucket(out, "output bucket")
 
 
 @task(**IO_RETRY)
@@ -166,7 +173,8 @@ def annotate(cfg: AnnotateConfig) -> dict:
     Lists the source, plans shards, annotates each (locally or on Dask), and keeps `runs/<id>.json` true
     (running, completed, failed or interrupted). Rerunning a run id resumes it.
     """
-    loaded = preflight(cfg)
+    check_locations(cfg.source, cfg.out)
+    loaded = cached_predictor(cfg.model, cfg.refine)[1]  # a missing or broken model fails here, before any write
     if cfg.incremental:
         with _one_incremental_run_at_a_time(cfg.out):
             return _annotate(cfg, loaded)

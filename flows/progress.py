@@ -1,9 +1,9 @@
 """Progress of a running annotate flow, where operators look: a Prefect progress artifact and a terminal bar.
 
-Shard tasks report images as they come through detection, through a sink: a counter in this process for the
-local task runner, Dask worker events (``log_event`` / ``subscribe_topic``) for shards on a Dask cluster. The
-flow's main thread ticks the board about once a second, so both the artifact and the bar move every second or
-so, not once per shard.
+Shard tasks report images as they are done (every 32, when the model has run on them) through a sink: a counter
+in this process for the local task runner, Dask worker events (``log_event`` / ``subscribe_topic``) for shards
+on a Dask cluster. The flow's main thread ticks the board about once a second, so both the artifact and the bar
+move every second or so, not once per shard.
 """
 
 from __future__ import annotations
