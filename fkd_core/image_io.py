@@ -92,10 +92,8 @@ def list_images(uri: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> lis
     if fs.isfile(path):
         return [_to_uri(fs, path)]
     if not fs.isdir(path):
-        if is_local(fs):
-            raise SourceNotFound(f"source {uri} does not exist (no such directory or image file)")
-        check_bucket(uri, "source bucket")
-        return []
+        check_exists(uri, "source", directory=True)  # a missing local path or bucket: refused, naming it
+        return []  # a prefix with no objects in an existing bucket
     exts = tuple(e.lower() for e in extensions)
     found = [p for p in fs.find(path) if p.lower().endswith(exts)]
     return sorted(_to_uri(fs, p) for p in found)

@@ -31,7 +31,7 @@ def utcnow() -> dt.datetime:
 
 
 class RunRecord:
-    """The live record of one run: ``start`` it, ``update`` it, ``finish`` it; a thread keeps its heartbeat."""
+    """The live record of one run: ``start`` it, ``finish`` it; a thread keeps its heartbeat in between."""
 
     def __init__(
         self,
@@ -66,11 +66,6 @@ class RunRecord:
             write_json(self.doc, self.uri)
         self._thread = threading.Thread(target=self._beat, name="fkd-run-heartbeat", daemon=True)
         self._thread.start()
-
-    def update(self, **fields) -> None:
-        with self._lock:
-            self.doc.update(fields)
-            write_json(self.doc, self.uri)
 
     def finish(self, status: str, **fields) -> None:
         """Stop the heartbeat and write the final status (``completed``, ``failed`` or ``interrupted``)."""

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from typing import TypeVar
@@ -76,6 +77,20 @@ def _predictor(model: str, config_digest: str, refine: bool = True) -> tuple[Pre
     if not refine and loaded.refine is not None:
         loaded = dataclasses.replace(loaded, refine=None, align=None, model_id=loaded.model_id + FIRST_STAGE_SUFFIX)
     return Predictor(loaded.model, loaded.policy, refine=loaded.refine, align=loaded.align), loaded
+
+
+def logging_handlers(kind: type[logging.Handler] = logging.Handler) -> list[logging.Handler]:
+    """Every handler of type ``kind`` attached to any logger of this process, each once."""
+    loggers = [
+        logging.getLogger(),
+        *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)),
+    ]
+    found: dict[int, logging.Handler] = {}
+    for lg in loggers:
+        for h in lg.handlers:
+            if isinstance(h, kind):
+                found.setdefault(id(h), h)
+    return list(found.values())
 
 
 def flat_parameters(cfg_cls: type[BaseModel]):

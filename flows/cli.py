@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -40,22 +41,23 @@ def _run(flow, cfg, preflight=None) -> dict:
         _fail(str(e))
 
 
-def _hide_user_error_tracebacks() -> None:
+class _NoUserErrorTracebacks(logging.Filter):
     """Prefect logs a failed run's exception with its traceback; for a user error the message alone says it."""
-    import logging
 
-    from fkd_core.errors import UserError
-    from flows.progress import _console_handlers
+    def filter(self, record: logging.LogRecord) -> bool:
+        from fkd_core.errors import UserError
 
-    class _Filter(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            if record.exc_info and isinstance(record.exc_info[1], UserError):
-                record.exc_info, record.exc_text = None, None
-            return True
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info, record.exc_text = None, None
+        return True
 
-    for handler in _console_handlers():
-        if not any(type(f).__name__ == "_Filter" for f in handler.filters):
-            handler.addFilter(_Filter())
+
+def _hide_user_error_tracebacks() -> None:
+    from flows.progress import console_handlers
+
+    for handler in console_handlers():
+        if not any(isinstance(f, _NoUserErrorTracebacks) for f in handler.filters):
+            handler.addFilter(_NoUserErrorTracebacks())
 
 
 def _config(cls, **fields):

@@ -166,8 +166,11 @@ def stop(runner) -> None:  # pragma: no cover - exercised by the served-deployme
     import time
 
     from prefect import get_client
+    from prefect.client.schemas.objects import StateType
     from prefect.logging import get_logger
     from prefect.states import Scheduled
+
+    from flows._common import logging_handlers
 
     log = get_logger("fkd.serve")
     manager = runner._process_manager  # the runner's map of flow run id -> child process
@@ -189,20 +192,13 @@ def stop(runner) -> None:  # pragma: no cover - exercised by the served-deployme
                 state = client.read_flow_run(fid).state
                 # a run that completed, failed or was cancelled before the signal reached it stays so; the one
                 # the signal stopped says Running or, as the engine reports a termination signal, Crashed
-                if state is not None and state.type.value in ("COMPLETED", "FAILED", "CANCELLED"):
+                if state is not None and state.type in (StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED):
                     continue
                 client.set_flow_run_state(
                     fid, Scheduled(message="fkd serve stopped; resumes when served again"), force=True
                 )
     except Exception as e:  # noqa: BLE001 - the zombie automation marks them Crashed if this cannot
         log.warning("could not reschedule the interrupted flow runs: %s", e)
-    for handler in logging_handlers():
+    for handler in logging_handlers():  # Prefect's API log handler sends its queue
         handler.flush()
     os._exit(0)
-
-
-def logging_handlers() -> list:
-    import logging
-
-    return [h for lg in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
-            if isinstance(lg, logging.Logger) for h in lg.handlers]  # fmt: skip

@@ -8,7 +8,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field
 
-from fkd_core.checkpoint import DEFAULT_MODEL, load_checkpoint
+from fkd_core.checkpoint import DEFAULT_MODEL
 from fkd_core.evaluate import FaceResult, evaluate_rows, face_yaw, results_table, worst_montage
 from fkd_core.examples import LabelledRow, assign_split
 from fkd_core.image_io import check_bucket, check_exists, join_uri
@@ -48,7 +48,8 @@ def preflight(cfg: EvaluateConfig):
     check_exists(cfg.csv, "CSV")
     check_exists(cfg.images, "images", directory=True)
     check_bucket(cfg.out, "output bucket")
-    return load_checkpoint(cfg.model)
+    # the same cached load the shards use: the CLI's check, the flow and every shard share one checkpoint load
+    return cached_predictor(cfg.model)[1]
 
 
 @flow(name="evaluate")

@@ -127,22 +127,16 @@ class ProgressBoard:
         self._bar_task = self._bar.add_task("images", total=self.total)
         # Prefect's console log handlers print through rich consoles of their own; while the bar is live they
         # print through the bar's, which draws each log line above the bar instead of through it.
-        for handler in _console_handlers():
+        for handler in console_handlers():
             self._handlers.append((handler, handler.console))
             handler.console = self._bar.console
         self._bar.start()
 
 
-def _console_handlers() -> list[logging.Handler]:
+def console_handlers() -> list[logging.Handler]:
+    """Prefect's console log handlers (each prints through a rich console of its own)."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    loggers = [logging.getLogger()] + [
-        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
-    ]
-    seen, found = set(), []
-    for lg in loggers:
-        for h in lg.handlers:
-            if isinstance(h, PrefectConsoleHandler) and id(h) not in seen:
-                seen.add(id(h))
-                found.append(h)
-    return found
+    from flows._common import logging_handlers
+
+    return logging_handlers(PrefectConsoleHandler)

@@ -161,21 +161,13 @@ def dask_cluster(tmp_path_factory):
 
 
 _PG_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}  # no PG* variables from the caller
+# initdb, pg_ctl and postgres refuse to run as root: run them as the postgres user, with only _PG_ENV
+_AS_POSTGRES = {"user": "postgres", "group": "postgres", "extra_groups": [], "env": _PG_ENV}
 
 
 def _as_postgres(cmd: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run a PostgreSQL tool as the ``postgres`` user (initdb, pg_ctl and postgres refuse to run as root)."""
-    return subprocess.run(
-        cmd,
-        user="postgres",
-        group="postgres",
-        extra_groups=[],
-        cwd=cwd,
-        env=_PG_ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, **_AS_POSTGRES)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -227,14 +219,11 @@ def postgres_url():
             proc = subprocess.Popen(
                 [str(PG_BIN / "postgres"), "-D", str(data), "-p", str(port), "-k", str(base)]
                 + ["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off"],
-                user="postgres",
-                group="postgres",
-                extra_groups=[],
                 cwd=base,
-                env=_PG_ENV,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                **_AS_POSTGRES,
             )
         deadline = time.monotonic() + 60
         while True:
