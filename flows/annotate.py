@@ -154,14 +154,18 @@ def _one_incremental_run_at_a_time(out: str):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     name = "fkd-incremental-" + hashlib.sha256(out.rstrip("/").encode()).hexdigest()[:16]
     with get_client(sync_client=True) as client:
+        # look first: creating one that exists makes the Prefect server log a long traceback on every run
         try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-        except ObjectAlreadyExists:
-            pass
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:  # another run created it in between
+                pass
     return concurrency(name, occupy=1, strict=True)
 
 

@@ -362,3 +362,14 @@ def test_terminal_bar_moves_and_log_lines_do_not_tear_it(tmp_path, sample_dir, m
         assert "/480" not in line and "━" not in line, line  # no bar fragments inside a log line
         assert re.match(r"^\d\d:\d\d:\d\d\.\d+ \| INFO", line), line
         assert re.search(r"\d+\.\d images/s$", line), line  # the throughput figure stays
+
+
+def test_a_quiet_incremental_rerun_from_the_cli_prints_no_traceback(tmp_path, sample_dir, model_path):
+    """The nightly job run by hand, twice: the second finds nothing new and completes quietly (no server error)."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [str(BIN / "fkd"), "annotate", str(sample_dir / "photos"), str(tmp_path / "out"), "--incremental"]
+    runs = [subprocess.run([*cmd, "--model", model_path], env=env, capture_output=True, text=True) for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[1].stderr[-2000:]
+    assert [json.loads(r.stdout)["counts"]["images"] for r in runs] == [3, 0]
+    assert "Traceback" not in runs[1].stderr and "ERROR" not in runs[1].stderr, runs[1].stderr[-2000:]
