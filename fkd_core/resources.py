@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
-
-_PACKAGE = Path(__file__).resolve().parent
 
 
 def shipped_dir(name: str) -> Path:
-    """``saved_models`` or ``detector_architectures``: inside the installed package when fkd was installed from a
-    wheel (``pip install .``), else at the root of the checkout (an editable install, or the source tree)."""
-    installed = _PACKAGE / name
-    return installed if installed.is_dir() else _PACKAGE.parent / name
+    """``saved_models`` or ``detector_architectures``: the package data of an installed fkd (``pip install .`` puts
+    them inside ``fkd_core``), else the directory at the root of the checkout (an editable install, or the source
+    tree). OpenCV and safetensors need real files, and a wheel installs them as such."""
+    installed = files("fkd_core").joinpath(name)
+    if isinstance(installed, Path) and installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parent.parent / name

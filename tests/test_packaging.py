@@ -21,32 +21,34 @@ def test_the_wheel_annotates_outside_the_checkout(tmp_path):
     )
     assert built.returncode == 0, built.stderr[-2000:]
     wheel = next(tmp_path.glob("fkd-*.whl"))
-    site = tmp_path / "site"
+    # a fresh venv outside the checkout; its dependencies are this environment's packages (offline and fast), read
+    # through a .pth line (the .pth files there, this checkout's editable install among them, are not run)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python3.*/site-packages"))
+    deps = next(p for p in map(Path, sys.path) if p.name == "site-packages" and (p / "torch").is_dir())
+    (site / "_fkd_test_deps.pth").write_text(f"{deps}\n")
     installed = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps", "-q"]
+        + [str(wheel)],
         capture_output=True,
         text=True,
     )
     assert installed.returncode == 0, installed.stderr[-2000:]
-    work = tmp_path / "elsewhere"  # no checkout here, and the installed copy comes first on the path
+    work = tmp_path / "elsewhere"  # no checkout here
     work.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(site), "PREFECT_LOGGING_LEVEL": "WARNING"}
-    env.pop("PREFECT_API_URL", None)
-    env.pop("FKD_MODEL", None)
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    for name in ("PREFECT_API_URL", "FKD_MODEL", "PYTHONPATH"):
+        env.pop(name, None)
     code = "import fkd_core.checkpoint as c, fkd_core.detect as d; print(c.DEFAULT_MODEL, d.CASCADE_DIR)"
     where = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=work,
-        env=env,
-        check=True,
+        [str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, cwd=work, env=env, check=True
     )
     model, cascades = map(Path, where.stdout.split())
     assert model.is_file() and model.is_relative_to(site) and cascades.is_relative_to(site)
     photos = ROOT / "data" / "sample" / "photos"
     run = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "annotate", str(photos), str(work / "out")],
+        [str(venv / "bin" / "fkd"), "annotate", str(photos), str(work / "out")],
         capture_output=True,
         text=True,
         cwd=work,
@@ -55,3 +57,5 @@ def test_the_wheel_annotates_outside_the_checkout(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     doc = json.loads(run.stdout)
     assert doc["status"] == "completed" and doc["counts"]["images"] == 3 and doc["counts"]["faces"] == 7
+    # the packaged model served, not a checkout's file
+    assert doc["model_id"] == json.loads(model.with_suffix(".json").read_text())["model_id"]

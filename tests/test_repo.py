@@ -1,8 +1,13 @@
 """Repository-level checks: lint, Docker files, prefect.yaml, and the README's own commands and queries."""
 
+import json
+import os
 import re
+import shlex
 import subprocess
 import sys
+import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -20,6 +25,200 @@ def test_ruff_is_clean():
 def test_dockerfile_passes_hadolint():
     out = subprocess.run([str(BIN / "hadolint"), str(ROOT / "docker" / "Dockerfile")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """docker/Dockerfile's instructions in order, as (KEYWORD, arguments), continuation lines joined."""
+    instructions, current = [], ""
+    for raw in (ROOT / "docker" / "Dockerfile").read_text().splitlines():
+        line = raw.strip()
+        if line.startswith("#") or (not line and not current):
+            continue  # a comment (also inside a continued instruction, as Docker allows), or a blank line
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        keyword, _, args = (current + line).partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+        current = ""
+    return instructions
+
+
+def _copy_sources(args: str) -> list[str]:
+    """The sources of a COPY (shell form, no flags: the tests insist that the image's files are root's)."""
+    assert not args.startswith("--"), f"COPY {args}: no --chown/--chmod/--from (the application stays root's)"
+    return [src.removeprefix("./").rstrip("/") for src in args.split()[:-1]]
+
+
+def _env(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    env = {}
+    for keyword, args in instructions:
+        if keyword == "ENV":
+            env.update(item.split("=", 1) for item in shlex.split(args))
+    return env
+
+
+def _index(instructions, keyword: str, predicate=lambda args: True, last: bool = False) -> int:
+    found = [i for i, (k, a) in enumerate(instructions) if k == keyword and predicate(a)]
+    assert found, f"no {keyword} instruction that matches"
+    return found[-1] if last else found[0]
+
+
+def test_dockerfile_installs_the_tested_dependencies_before_the_code():
+    """A code change must not reinstall torch: the dependencies (torch's CPU build, then pyproject's runtime list
+    constrained by constraints.txt) are installed in a layer built from pyproject.toml and constraints.txt only;
+    fkd itself is installed after the code is copied, non-editable and without dependencies."""
+    ins = _dockerfile()
+    code = _index(ins, "COPY", lambda a: {"fkd_core", "flows"} & set(_copy_sources(a)))
+    deps = _index(ins, "RUN", lambda a: re.search(r"pip install [^&]*-r \S+[^&]*-c constraints\.txt", a) is not None)
+    assert deps < code, "the dependencies must be installed before the application code is copied"
+    copied_before = {src for k, a in ins[:deps] if k == "COPY" for src in _copy_sources(a)}
+    assert copied_before <= {"pyproject.toml", "constraints.txt"}, copied_before
+    deps_run = ins[deps][1]
+    assert "tomllib" in deps_run and "dependencies" in deps_run, "the requirements are pyproject's [project] list"
+    torch_pin = re.search(r"^torch==(\S+)$", (ROOT / "constraints.txt").read_text(), flags=re.M).group(1)
+    assert f"torch=={torch_pin}" in deps_run, "torch at constraints.txt's version"
+    assert "--index-url https://download.pytorch.org/whl/cpu" in deps_run, "torch's CPU build"
+
+    install = _index(ins, "RUN", lambda a: "pip install" in a and "--no-deps ." in a)
+    assert install > code
+    tokens = ins[install][1].split()
+    assert "-e" not in tokens and "--editable" not in tokens, "fkd is installed into site-packages, not editable"
+    # pyproject's package-dir maps these into the package (fkd_core.saved_models, ...): they must be copied
+    copied = {src for k, a in ins[:install] if k == "COPY" for src in _copy_sources(a)}
+    package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    assert {"pyproject.toml", "README.md", "fkd_core", "flows", *package_dirs.values()} <= copied, copied
+
+
+def test_dockerfile_runs_as_a_user_that_writes_only_to_its_data_volume():
+    ins = _dockerfile()
+    assert re.fullmatch(r"python:3\.11-slim-(bookworm|trixie)", ins[0][1]), "the base image names its Debian release"
+    user = _index(ins, "USER", last=True)
+    assert ins[user][1].split(":")[0] not in ("root", "0"), ins[user]
+    assert user < _index(ins, "CMD"), "the container runs as the non-root user"
+    # the application is installed and copied as root, before the switch: the runtime user cannot change it
+    assert max(i for i, (k, a) in enumerate(ins) if k == "COPY" or "pip install" in a) < user
+    # the smoke check loads the checkpoint as the runtime user
+    smoke = _index(ins, "RUN", lambda a: "fkd_core.load_checkpoint()" in a)
+    assert smoke > user and "import fkd_core, flows.annotate" in ins[smoke][1]
+    # outputs (relative paths too), trained models and Prefect's home go to the volume, which the user owns
+    volume = json.loads(ins[_index(ins, "VOLUME")][1])
+    assert volume == ["/data"]
+    assert ins[_index(ins, "WORKDIR", last=True)][1] == "/data", "relative outputs land on the volume"
+    assert _env(ins)["PREFECT_HOME"].startswith("/data/")
+    uid = ins[user][1].split(":")[0]
+    assert any(k == "RUN" and "/data" in a and uid in a for k, a in ins[:user]), "/data is created for the user"
+
+
+def test_dockerfile_has_an_init_a_stop_signal_and_a_runner_healthcheck():
+    ins = _dockerfile()
+    entrypoint = json.loads(ins[_index(ins, "ENTRYPOINT")][1])
+    assert entrypoint[0].rsplit("/", 1)[-1] == "tini" and entrypoint[1:] == ["--"], entrypoint
+    assert json.loads(ins[_index(ins, "CMD")][1]) == ["fkd", "serve"]
+    apt = ins[_index(ins, "RUN", lambda a: "apt-get install" in a)][1]
+    assert re.search(r"\btini\b", apt) and "--no-install-recommends" in apt and "rm -rf /var/lib/apt/lists" in apt
+    assert ins[_index(ins, "STOPSIGNAL")][1] == "SIGTERM"
+
+    # Prefect's runner starts its webserver when PREFECT_RUNNER_SERVER_ENABLE is set (Runner.start); the names
+    # are Prefect's own settings
+    from prefect.settings import PREFECT_RUNNER_SERVER_ENABLE, PREFECT_RUNNER_SERVER_HOST, PREFECT_RUNNER_SERVER_PORT
+
+    env = _env(ins)
+    assert env[PREFECT_RUNNER_SERVER_ENABLE.name].lower() == "true"
+    assert env[PREFECT_RUNNER_SERVER_HOST.name] in ("127.0.0.1", "localhost", "0.0.0.0")
+    assert int(env[PREFECT_RUNNER_SERVER_PORT.name]) > 0
+    check = ins[_index(ins, "HEALTHCHECK")][1]
+    assert "/health" in check and "curl" not in check and "wget" not in check  # the slim image has neither
+
+
+@pytest.mark.timeout(120)
+def test_dockerfile_healthcheck_command_asks_the_prefect_runner_webserver(tmp_path):
+    """The HEALTHCHECK's own command, with the image's settings, against Prefect's runner webserver: it passes
+    while the runner answers, and fails when nothing listens."""
+    from tests.conftest import free_port
+
+    ins = _dockerfile()
+    check = ins[_index(ins, "HEALTHCHECK")][1]
+    command = json.loads(check[check.index("CMD") + 3 :])
+    command[0] = sys.executable  # the image's `python`
+    runner_env = {k: v for k, v in _env(ins).items() if k.startswith("PREFECT_RUNNER_SERVER_")}
+    env = {**os.environ, **runner_env, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env["PREFECT_RUNNER_SERVER_PORT"] = str(free_port())
+
+    def healthcheck() -> int:
+        return subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, timeout=30).returncode
+
+    assert healthcheck() != 0, "passes with no runner"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import types; from prefect.runner.server import start_webserver; "
+            "start_webserver(types.SimpleNamespace(last_polled=None))",
+        ],
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while healthcheck() != 0:
+            assert server.poll() is None, "the runner webserver exited"
+            assert time.monotonic() < deadline, "the healthcheck never passed"
+            time.sleep(0.5)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+_GLOB = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}  # Docker's (Go's) globs, `**` included
+
+
+def _dockerignore() -> list[re.Pattern]:
+    """/.dockerignore's patterns as regexes over context-relative paths (a simple reading: no `!` exceptions)."""
+    patterns = []
+    for raw in (ROOT / ".dockerignore").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        assert not line.startswith("!"), "the test's reading of .dockerignore does not handle exceptions"
+        tokens = re.findall(r"\*\*/|\*\*|\*|\?|[^*?]+", line.strip("/"))
+        patterns.append(re.compile("".join(_GLOB.get(token) or re.escape(token) for token in tokens)))
+    return patterns
+
+
+def _ignored(path: str, patterns: list[re.Pattern]) -> bool:
+    """Whether the path, or a folder above it, is excluded from the build context."""
+    parts = path.split("/")
+    return any(p.fullmatch("/".join(parts[:n])) for p in patterns for n in range(1, len(parts) + 1))
+
+
+def test_dockerignore_keeps_the_context_small_and_what_the_image_copies():
+    patterns = _dockerignore()
+    for path in (
+        ".venv",
+        ".git",
+        "out",
+        "build",
+        "fkd.egg-info",
+        "fkd_core/__pycache__/x.pyc",
+        ".pytest_cache",
+        ".ruff_cache",
+        "docker/.env",
+        "tests",
+        "data",
+    ):
+        assert _ignored(path, patterns), f"{path} is sent to the Docker build context"
+    ins = _dockerfile()
+    for src in (s for k, a in ins if k == "COPY" for s in _copy_sources(a)):
+        assert (ROOT / src).exists(), src
+        files = (
+            [src]
+            if (ROOT / src).is_file()
+            else [p.relative_to(ROOT).as_posix() for p in (ROOT / src).rglob("*") if p.is_file()]
+        )
+        kept = [f for f in files if not _ignored(f, patterns)]
+        assert kept, f"COPY {src}: .dockerignore excludes it"
+        lost = [f for f in files if _ignored(f, patterns) and "__pycache__" not in f]
+        assert not lost, f"COPY {src}: .dockerignore excludes {lost}"
 
 
 _INTERPOLATION = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)([^}]*)\}")
@@ -96,11 +295,26 @@ def test_compose_wires_server_store_and_worker():
     assert env["PREFECT_API_URL"].startswith("http://prefect-server:4200")
     assert env["AWS_ENDPOINT_URL"] == "http://s3:9000"
     assert services["worker"]["build"]["dockerfile"] == "docker/Dockerfile"
+    assert (ROOT / "docker" / services["worker"]["build"]["context"]).resolve() == ROOT, "the context is the root"
     # every file the Dockerfile copies exists in the build context
-    for line in (ROOT / "docker" / "Dockerfile").read_text().splitlines():
-        if line.startswith("COPY "):
-            for src in line.split()[1:-1]:
+    for keyword, args in _dockerfile():
+        if keyword == "COPY":
+            for src in _copy_sources(args):
                 assert (ROOT / src).exists(), src
+
+
+def test_compose_worker_keeps_outputs_on_a_volume_and_stops_gracefully():
+    from flows.deploy import STOP_GRACE_SECONDS
+
+    doc = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    worker = doc["services"]["worker"]
+    ins = _dockerfile()
+    (data,) = json.loads(ins[_index(ins, "VOLUME")][1])
+    mounts = dict(str(v).rsplit(":", 1)[::-1] for v in worker.get("volumes", []))
+    assert data in mounts, f"no volume on the image's {data}"
+    assert mounts[data] in (doc.get("volumes") or {}), f"{mounts[data]} is not a named volume"
+    grace = re.fullmatch(r"(\d+)s", str(worker["stop_grace_period"]))
+    assert grace is not None and int(grace.group(1)) >= 2 * STOP_GRACE_SECONDS, worker["stop_grace_period"]
 
 
 def test_prefect_yaml_needs_no_checkout_and_never_shares_a_served_name():
@@ -200,3 +414,28 @@ def test_readme_downstream_queries_run_on_real_output(tmp_path, sample_dir):
     one_face = ns["one_face"]
     assert one_face.shape == (68, 2)
     assert ns["polars_faces"].height == 7
+
+
+def test_constraints_pin_every_dependency_inside_its_range():
+    """constraints.txt is the tested set the README's setup installs: it must pin each requirement of pyproject (and
+    of its extras) to a version the range allows, or the setup would fail or install an untested version."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version.strip()
+    reqs = [Requirement(r) for r in project["dependencies"]]
+    reqs += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    problems = [
+        f"{r}: pinned {pins.get(canonicalize_name(r.name))}"
+        for r in reqs
+        if canonicalize_name(r.name) != "fkd"
+        and not (canonicalize_name(r.name) in pins and r.specifier.contains(pins[canonicalize_name(r.name)]))
+    ]
+    assert not problems, problems
