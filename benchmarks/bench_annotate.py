@@ -3,6 +3,7 @@
     python benchmarks/bench_annotate.py ratio    [--n 2400] [--shard-size 500]
     python benchmarks/bench_annotate.py memory   [--n 20000]
     python benchmarks/bench_annotate.py batching [--n 1000] [--shard-size 500]
+    python benchmarks/bench_annotate.py dask     [--n 1000] [--shard-size 250]
 
 `ratio` times, in one process and one run, a bare loop of read + decode + Haar (the floor of this design:
 every image must be decoded and searched for faces) and the full annotate flow on the same images; it reports
@@ -10,6 +11,9 @@ both rates and flow/loop. `memory` runs the flow over N images (the training set
 in a child process and reports that process's peak RSS. `batching` times one shard's work (fkd_core, no
 Prefect) with the model run on every 32 images as they come (what annotate does, so that progress moves and
 only 32 images' crops are held) against once over the whole shard (before), alternating A/B/A/B in one run.
+`dask` starts a local scheduler and two one-thread workers (as separate processes, on 127.0.0.1) and times the
+flow on them cold (fresh workers: the model is loaded when the run registers it) and warm (a second run), against
+the local runner on the same images, and counts the workers' "Event loop was unresponsive" warnings.
 Images come from ../shared/data.
 """
 
@@ -108,15 +112,14 @@ def ratio(args) -> dict:
 def batching(args) -> dict:
     from fkd_core.annotate import AnnotateSettings, annotate_images
     from fkd_core.image_io import list_images
-    from flows._common import cached_predictor
+    from fkd_core.predict import Predictor
 
-    predictor, loaded = cached_predictor(args.model)
+    predictor = Predictor.from_checkpoint(args.model)
     shard = args.shard_size[0]
     with tempfile.TemporaryDirectory() as tmp:
         uris = list_images(str(make_corpus(Path(args.images), args.n, Path(tmp) / "in")))
         shards = [uris[i : i + shard] for i in range(0, len(uris), shard)]
-        variants = {"every_32": AnnotateSettings(detector=loaded.detector, model_every=32),
-                    "whole_shard": AnnotateSettings(detector=loaded.detector, model_every=10**9)}  # fmt: skip
+        variants = {"every_32": AnnotateSettings(model_every=32), "whole_shard": AnnotateSettings(model_every=10**9)}
         annotate_images(uris[:64], predictor, variants["every_32"])  # warm up: model export, page cache
         seconds = {k: 0.0 for k in variants}
         faces = {}
@@ -134,6 +137,72 @@ def batching(args) -> dict:
         "images_per_s": {k: round(v, 1) for k, v in rate.items()},
         "every_32_over_whole_shard": round(rate["every_32"] / rate["whole_shard"], 3),
         "max_keypoint_difference_px": float(np.abs(faces["every_32"] - faces["whole_shard"]).max()),
+    }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dask_cluster_vs_local(args) -> dict:
+    import shutil
+    import signal
+
+    from distributed import Client
+
+    from fkd_core.image_io import list_images
+    from flows.annotate import annotate
+
+    shard = args.shard_size[0] if args.shard_size != [500] else 250
+    dask = str(Path(sys.executable).with_name("dask"))
+    procs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = make_corpus(Path(args.images), args.n, Path(tmp) / "in")
+        n = len(list_images(str(corpus)))
+        # warm this process and the page cache the same way for both runners
+        annotate(source=str(next(corpus.iterdir())), out=f"{tmp}/warm", model=args.model)
+        t0 = time.perf_counter()
+        local = annotate(source=str(corpus), out=f"{tmp}/local", shard_size=shard, model=args.model, run_id="l")
+        local_s = time.perf_counter() - t0
+        port = _free_port()
+        address = f"tcp://127.0.0.1:{port}"
+        logs = [Path(tmp) / f"w{i}.log" for i in range(2)]
+        try:
+            cmd = [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            for log in logs:
+                cmd = [dask, "worker", address, "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"]
+                procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w")))  # noqa: SIM115
+            with Client(address, timeout=60) as c:
+                c.wait_for_workers(2, timeout=120)
+            runs = {}
+            for name in ("cold", "warm"):
+                t0 = time.perf_counter()
+                doc = annotate(source=str(corpus), out=f"{tmp}/{name}", shard_size=shard, model=args.model,
+                               run_id=name, dask_address=address)  # fmt: skip
+                runs[name] = (time.perf_counter() - t0, doc)
+            unresponsive = sum(log.read_text().count("Event loop was unresponsive") for log in logs)
+        finally:
+            for p in reversed(procs):
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                p.wait(timeout=60)
+        shutil.rmtree(f"{tmp}/in", ignore_errors=True)
+    rate = {"local": n / local_s} | {k: n / v[0] for k, v in runs.items()}
+    return {
+        "images": n,
+        "shard_size": shard,
+        "cpu_cores": os.cpu_count(),
+        "faces": {"local": local["counts"]["faces"]} | {k: v[1]["counts"]["faces"] for k, v in runs.items()},
+        "seconds": {"local": round(local_s, 1)} | {k: round(v[0], 1) for k, v in runs.items()},
+        "images_per_s": {k: round(v, 1) for k, v in rate.items()},
+        "dask_warm_over_local": round(rate["warm"] / rate["local"], 3),
+        "dask_cold_over_warm": round(rate["cold"] / rate["warm"], 3),
+        "worker_event_loop_unresponsive_warnings": unresponsive,
     }
 
 
@@ -166,16 +235,17 @@ def main() -> None:
     from fkd_core.checkpoint import DEFAULT_MODEL
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["ratio", "memory", "batching"])
+    ap.add_argument("mode", choices=["ratio", "memory", "batching", "dask"])
     ap.add_argument("--n", type=int, default=None)
     ap.add_argument("--shard-size", type=int, nargs="+", default=[500])
     ap.add_argument("--images", default=str(DEFAULT_IMAGES))
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--compare-model", default=None, help="also time the flow with this checkpoint")
     args = ap.parse_args()
-    args.n = args.n or {"ratio": 2400, "memory": 20000, "batching": 1000}[args.mode]
+    args.n = args.n or {"ratio": 2400, "memory": 20000, "batching": 1000, "dask": 1000}[args.mode]
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    print(json.dumps({"ratio": ratio, "memory": memory, "batching": batching}[args.mode](args), indent=2))
+    modes = {"ratio": ratio, "memory": memory, "batching": batching, "dask": dask_cluster_vs_local}
+    print(json.dumps(modes[args.mode](args), indent=2))
 
 
 if __name__ == "__main__":

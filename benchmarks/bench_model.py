@@ -57,7 +57,7 @@ def faces_per_second(pred: Predictor, crops: np.ndarray, repeat: int = 3) -> flo
 
 
 def stages_per_second(loaded, images: str, n: int, repeat: int = 3) -> dict:
-    """Faces/s of ``Predictor.predict_boxes`` (crops, model(s), mapping back; boxes detected beforehand) on real
+    """Faces/s of ``Predictor.predict`` (crops, model(s), mapping back; boxes detected beforehand) on real
     frames, first stage alone vs first + refining stage, both on ONNX Runtime."""
     from pathlib import Path
 
@@ -72,11 +72,11 @@ def stages_per_second(loaded, images: str, n: int, repeat: int = 3) -> dict:
     two = Predictor(loaded.model, loaded.policy, refine=loaded.refine, align=loaded.align)
     out = {"frames": len(grays), "faces": faces}
     for name, pred in (("first_stage", one), ("two_stage", two)):
-        pred.predict_boxes(grays[0], boxes[0])
+        pred.predict(grays[:1], boxes[:1])
         t0 = time.perf_counter()
         for _ in range(repeat):
             for g, b in zip(grays, boxes, strict=True):
-                pred.predict_boxes(g, b)
+                pred.predict([g], [b])
         out[f"{name}_faces_per_s"] = round(repeat * faces / (time.perf_counter() - t0), 1)
     out["two_stage_cost"] = round(out["first_stage_faces_per_s"] / out["two_stage_faces_per_s"], 3)
     return out

@@ -17,18 +17,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from fkd_core.detect import DetectorConfig, detect_faces
 from fkd_core.errors import ImageError
-from fkd_core.geometry import CropTransform
 from fkd_core.image_io import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_gray, iter_read, sha256_hex
 from fkd_core.parquet_io import FACES_SCHEMA, IMAGES_SCHEMA, keypoint_column, part_uri, write_table
-from fkd_core.predict import Predictor
+from fkd_core.predict import Located, Predictor
 from fkd_core.types import Box
 
 
 @dataclass(frozen=True)
 class AnnotateSettings:
-    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    """How a shard is read and worked (the detector settings are the checkpoint's: see ``Predictor``)."""
+
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
     threads: int = 0  # decode + detect threads per shard; 0 = one per core
@@ -45,16 +44,12 @@ class _Image:
     nbytes: int = 0
     sha256: str | None = None
     boxes: list[Box] = field(default_factory=list)
-    crops: list[np.ndarray] = field(default_factory=list)  # (S, S) uint8, until the model has run
-    transforms: list[CropTransform] = field(default_factory=list)
-    # canonical crops around the boxes for a refining second stage (Predictor.context), until it has run
-    contexts: list[np.ndarray] = field(default_factory=list)
-    context_transforms: list[CropTransform] = field(default_factory=list)
+    located: Located | None = None  # the faces' crops, until the model has run
     keypoints: list[np.ndarray] = field(default_factory=list)  # (68, 2) original pixels, per box
 
     def fail(self, reason: str) -> None:
         self.status, self.error = "error", reason
-        self.boxes, self.crops, self.transforms, self.contexts, self.context_transforms = [], [], [], [], []
+        self.boxes, self.located = [], None
 
 
 @dataclass
@@ -80,15 +75,8 @@ def _prepare(uri: str, data: bytes | ImageError, predictor: Predictor, s: Annota
     try:
         decoded = decode_gray(data, s.max_pixels)
         img.width, img.height = decoded.width, decoded.height
-        img.boxes = detect_faces(decoded.gray, s.detector)
-        for b in img.boxes:
-            crop, t = predictor.crop(decoded.gray, b)
-            img.crops.append(crop)
-            img.transforms.append(t)
-            if predictor.refines:
-                ctx, ct = predictor.context(decoded.gray, b)
-                img.contexts.append(ctx)
-                img.context_transforms.append(ct)
+        img.located = predictor.locate(decoded.gray)
+        img.boxes = img.located.boxes
     except ImageError as e:
         img.fail(str(e))
     except Exception as e:  # noqa: BLE001 - an unexpected failure on one file must not stop the batch
@@ -141,19 +129,10 @@ def annotate_images(
 
 def _run_model(images: list[_Image], predictor: Predictor) -> None:
     """Keypoints, in original pixels, for every face of ``images`` (one batched pass per stage); frees the crops."""
-    crops = [c for im in images for c in im.crops]
-    if not crops:
-        return
-    pred = predictor.predict_crops(np.stack(crops))  # (N, 68, 2) crop pixels
-    kps = np.stack([t.to_image(p) for t, p in zip((t for im in images for t in im.transforms), pred, strict=True)])
-    if predictor.refines:
-        contexts = np.stack([c for im in images for c in im.contexts])
-        kps = predictor.refine_keypoints(contexts, [t for im in images for t in im.context_transforms], kps)
-    i = 0
-    for im in images:
-        im.keypoints = list(kps[i : i + len(im.boxes)])
-        im.crops, im.contexts = [], []
-        i += len(im.boxes)
+    waiting = [im for im in images if im.located is not None]
+    for im, faces in zip(waiting, predictor.keypoints([im.located for im in waiting]), strict=True):
+        im.keypoints = [f.keypoints for f in faces]
+        im.located = None
 
 
 def tables(images: list[_Image], model_id: str, created_at: dt.datetime) -> tuple[pa.Table, pa.Table]:
@@ -198,14 +177,13 @@ def run_shard(
     out: str,
     run_id: str,
     predictor: Predictor,
-    model_id: str,
     s: AnnotateSettings = AnnotateSettings(),
     progress: Callable[[int], None] | None = None,
 ) -> ShardCounts:
     """Annotate one shard and write its parts; the ``images`` part goes last and marks the shard done."""
     t0 = time.perf_counter()
     images = annotate_images(uris, predictor, s, progress)
-    img_tbl, face_tbl = tables(images, model_id, dt.datetime.now(dt.UTC))
+    img_tbl, face_tbl = tables(images, predictor.model_id, dt.datetime.now(dt.UTC))
     write_table(face_tbl, part_uri(out, "faces", run_id, shard), FACES_SCHEMA)
     write_table(img_tbl, part_uri(out, "images", run_id, shard), IMAGES_SCHEMA)
     c = ShardCounts(images=len(images), faces=face_tbl.num_rows, seconds=time.perf_counter() - t0)

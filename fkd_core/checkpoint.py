@@ -43,9 +43,25 @@ def config_uri(weights_uri: str) -> str:
     return weights_uri[: -len(".safetensors")] + ".json"
 
 
-def save_checkpoint(
+@dataclass(frozen=True)
+class PackedCheckpoint:
+    """A checkpoint assembled in memory: the safetensors bytes and the JSON beside them."""
+
+    blob: bytes
+    doc: dict
+
+    @property
+    def model_id(self) -> str:
+        return self.doc["model_id"]
+
+    def load(self) -> LoadedModel:
+        """The model as :func:`load_checkpoint` would read it back from disk (dtype round trip included)."""
+        return _from_blob(self.blob, self.doc, self.model_id)
+
+
+def pack_checkpoint(
     model: NaimishNet,
-    weights_uri: str,
+    name: str,
     *,
     policy: CropPolicy,
     detector: DetectorConfig,
@@ -53,8 +69,8 @@ def save_checkpoint(
     dtype: torch.dtype = torch.float16,
     refine: NaimishNet | None = None,
     align: AlignPolicy | None = None,
-) -> str:
-    """Write ``<name>.safetensors`` and ``<name>.json``; returns the model id.
+) -> PackedCheckpoint:
+    """Assemble a checkpoint in memory; its model id is ``<name>-<first 12 hex of the weights' sha256>``.
 
     With ``refine`` (and its ``align`` policy) the file also holds a second stage, its tensors named
     ``refine.<name>``; the sha256, and so the model id, covers both stages.
@@ -66,8 +82,6 @@ def save_checkpoint(
         tensors |= {REFINE_PREFIX + k: v.detach().to(dtype).contiguous() for k, v in refine.state_dict().items()}
     blob = st_save(tensors, metadata={"format": FORMAT})
     digest = hashlib.sha256(blob).hexdigest()
-    name = weights_uri.rsplit("/", 1)[-1][: -len(".safetensors")]
-    write_bytes(blob, weights_uri)
     doc = {
         "format": FORMAT,
         "name": name,
@@ -81,8 +95,48 @@ def save_checkpoint(
     }
     if refine is not None:
         doc["refine"] = {"model": refine.cfg.to_dict(), "align": align.to_dict()}
-    write_json(doc, config_uri(weights_uri))
-    return doc["model_id"]
+    return PackedCheckpoint(blob, doc)
+
+
+def write_checkpoint(packed: PackedCheckpoint, weights_uri: str, *, force: bool = False) -> str:
+    """Write ``packed`` as ``weights_uri`` (``.safetensors``) and the JSON beside it; returns ``weights_uri``.
+
+    Refuses to replace an existing checkpoint unless ``force``: a served model may be reading it.
+    """
+    json_uri = config_uri(weights_uri)
+    if not force:
+        for uri in (weights_uri, json_uri):
+            if exists(uri):
+                raise CheckpointError(f"model {uri} exists; fkd never overwrites a model unless forced (--force)")
+    write_bytes(packed.blob, weights_uri)
+    write_json(packed.doc, json_uri)
+    return weights_uri
+
+
+def save_new_checkpoint(packed: PackedCheckpoint, out_dir: str, *, force: bool = False) -> str:
+    """Write ``packed`` under ``out_dir`` named by its model id (``<name>-<sha256 head>.safetensors``), so a retrain
+    never takes the name of a model that is being served; returns the weights' URI."""
+    return write_checkpoint(packed, f"{out_dir.rstrip('/')}/{packed.model_id}.safetensors", force=force)
+
+
+def save_checkpoint(
+    model: NaimishNet,
+    weights_uri: str,
+    *,
+    policy: CropPolicy,
+    detector: DetectorConfig,
+    meta: dict,
+    dtype: torch.dtype = torch.float16,
+    refine: NaimishNet | None = None,
+    align: AlignPolicy | None = None,
+) -> str:
+    """Write ``<name>.safetensors`` and ``<name>.json`` (replacing them if present); returns the model id."""
+    name = weights_uri.rsplit("/", 1)[-1][: -len(".safetensors")]
+    packed = pack_checkpoint(
+        model, name, policy=policy, detector=detector, meta=meta, dtype=dtype, refine=refine, align=align
+    )
+    write_checkpoint(packed, weights_uri, force=True)
+    return packed.model_id
 
 
 def load_checkpoint(weights_uri: str | Path = DEFAULT_MODEL) -> LoadedModel:
@@ -100,6 +154,11 @@ def load_checkpoint(weights_uri: str | Path = DEFAULT_MODEL) -> LoadedModel:
         blob = fsspec.open(weights_uri, "rb").open().read()
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint weights not found: {weights_uri}") from e
+    return _from_blob(blob, doc, weights_uri)
+
+
+def _from_blob(blob: bytes, doc: dict, weights_uri: str) -> LoadedModel:
+    """A checkpoint's model from its weights' bytes and its JSON (``weights_uri`` names it in errors)."""
     digest = hashlib.sha256(blob).hexdigest()
     if doc.get("weights_sha256") and doc["weights_sha256"] != digest:
         raise CheckpointError(f"{weights_uri}: weights sha256 {digest[:12]} does not match the config's")

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fkd_core.detect import DetectorConfig, detect_faces, match_box
+from fkd_core.detect import match_box
 from fkd_core.errors import ImageError
 from fkd_core.examples import LabelledRow
 from fkd_core.geometry import crop_transform, normalise, square_from_box
@@ -17,7 +17,7 @@ from fkd_core.image_io import join_uri, read_gray
 from fkd_core.metrics import nme_per_face, yaw
 from fkd_core.parquet_io import keypoint_column
 from fkd_core.plots import draw_faces, montage
-from fkd_core.predict import Predictor
+from fkd_core.predict import Located, Predictor
 from fkd_core.types import Box
 
 EVAL_SCHEMA = pa.schema(
@@ -52,35 +52,40 @@ class FaceResult:
     mse: float | None = None
 
 
-def evaluate_rows(
-    rows: list[LabelledRow], images: str, predictor: Predictor, detector: DetectorConfig = DetectorConfig()
-) -> list[FaceResult]:
-    """Score labelled faces end to end. Rows naming the same image share one detection pass."""
+def evaluate_rows(rows: list[LabelledRow], images: str, predictor: Predictor) -> list[FaceResult]:
+    """Score labelled faces end to end, as annotate finds them: the predictor's detector, then its stages.
+
+    Rows naming the same image share one detection pass; the model runs batched over all the images' faces.
+    """
     by_image: dict[str, list[LabelledRow]] = {}
     for r in rows:
         by_image.setdefault(r.image_id, []).append(r)
-    out: list[FaceResult] = []
-    for image_id, labelled in by_image.items():
+    results: dict[str, list[FaceResult]] = {}  # per image, returned in the rows' order
+    found: list[tuple[str, Located]] = []
+    for image_id in by_image:
         try:
             gray = read_gray(join_uri(images, image_id)).gray
         except ImageError as e:
-            out += [FaceResult(r, "error", error=str(e)) for r in labelled]
+            results[image_id] = [FaceResult(r, "error", error=str(e)) for r in by_image[image_id]]
             continue
-        boxes = detect_faces(gray, detector)
-        faces = predictor.predict_boxes(gray, boxes)
-        for r in labelled:
-            cx, cy = r.keypoints.mean(axis=0)
-            i = match_box(boxes, float(cx), float(cy))
-            if i is None:
-                out.append(FaceResult(r, "unmatched", len(boxes)))
-                continue
-            pred = faces[i].keypoints
-            size = predictor.size
-            t = crop_transform(square_from_box(boxes[i], predictor.policy), size)
-            mse = float(np.mean((normalise(t.to_crop(pred), size) - normalise(t.to_crop(r.keypoints), size)) ** 2))
-            nme = float(nme_per_face(pred[None], r.keypoints[None])[0])
-            out.append(FaceResult(r, "matched", len(boxes), box=boxes[i], pred=pred, nme=nme, mse=mse))
-    return out
+        found.append((image_id, predictor.locate(gray)))
+    for (image_id, loc), faces in zip(found, predictor.keypoints([loc for _, loc in found]), strict=True):
+        results[image_id] = [_score(r, loc.boxes, faces, predictor) for r in by_image[image_id]]
+    return [f for image_id in by_image for f in results[image_id]]
+
+
+def _score(r: LabelledRow, boxes: list[Box], faces: list, predictor: Predictor) -> FaceResult:
+    """One labelled face against the detected faces of its image: matched to the box around its points, or not."""
+    cx, cy = r.keypoints.mean(axis=0)
+    i = match_box(boxes, float(cx), float(cy))
+    if i is None:
+        return FaceResult(r, "unmatched", len(boxes))
+    pred = faces[i].keypoints
+    size = predictor.size
+    t = crop_transform(square_from_box(boxes[i], predictor.policy), size)
+    mse = float(np.mean((normalise(t.to_crop(pred), size) - normalise(t.to_crop(r.keypoints), size)) ** 2))
+    nme = float(nme_per_face(pred[None], r.keypoints[None])[0])
+    return FaceResult(r, "matched", len(boxes), box=boxes[i], pred=pred, nme=nme, mse=mse)
 
 
 def face_yaw(results: list[FaceResult]) -> np.ndarray:

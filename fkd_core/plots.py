@@ -17,31 +17,53 @@ _REGIONS = (
 )
 
 
-def loss_curve_png(
-    epochs: list[int], train: list[float], val: list[float], val_nme: list[float] | None = None
-) -> bytes:
-    """Train/validation MSE per epoch (log scale), with validation NME on a second axis."""
+def loss_curve_figure(
+    epochs: list[int],
+    train: list[float],
+    val: list[float],
+    val_nme: list[float] | None = None,
+    averaged: str | None = None,
+    raw_val_nme: list[float] | None = None,
+):
+    """Train/validation MSE per epoch (log scale), with validation NME on a second axis; a matplotlib figure.
+
+    ``averaged`` names the weight average that ``val`` and ``val_nme`` score (e.g. "EMA 0.998"); the training MSE
+    is always the raw weights' (measured while they train), and ``raw_val_nme`` is the raw weights' validation.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    of = f" ({averaged} weights)" if averaged else ""
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(epochs, train, label="train MSE")
-    ax.plot(epochs, val, label="validation MSE")
+    ax.plot(epochs, train, label="train MSE (raw weights)" if averaged else "train MSE")
+    ax.plot(epochs, val, label="validation MSE" + of)
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.5 on a 3-epoch run
     ax.set_ylabel("MSE (keypoints in [-1, 1])")
     if val_nme:
         ax2 = ax.twinx()
-        ax2.plot(epochs, val_nme, color="tab:green", linestyle="--", label="validation NME")
+        ax2.plot(epochs, val_nme, color="tab:green", linestyle="--", label="validation NME" + of)
+        if raw_val_nme:
+            ax2.plot(epochs, raw_val_nme, color="tab:olive", linestyle=":", label="validation NME (raw weights)")
         ax2.set_ylabel("NME")
         ax2.legend(loc="upper center")
     ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def loss_curve_png(*args, **kwargs) -> bytes:
+    """:func:`loss_curve_figure` as PNG bytes."""
     import io
 
+    import matplotlib.pyplot as plt
+
+    fig = loss_curve_figure(*args, **kwargs)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)

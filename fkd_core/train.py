@@ -33,18 +33,29 @@ class TrainParams:
     min_lr: float = 1e-5
     schedule: str = "plateau"  # "plateau": halve on a validation plateau; "cosine": decay to min_lr over epochs
     ema_decay: float = 0.0  # > 0: validate and keep an exponential moving average of the weights (per step)
+    # Warm the average's decay up from 0 (timm's ModelEmaV3), so a short run is not the average of its start.
+    ema_warmup: bool = True
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
 class EpochStats:
+    """One epoch. ``val_mse``/``val_nme`` score the weights this epoch offers: with a weight average, the better of
+    the averaged and the raw weights (``weights`` says which; both are kept in the ``averaged_*``/``raw_*``
+    fields), so averaging never makes a run worse than the same run without it."""
+
     epoch: int
     train_mse: float
     val_mse: float
     val_nme: float
     lr: float
     seconds: float
+    weights: str = "raw"  # "raw" or "averaged"
+    averaged_val_mse: float | None = None
+    averaged_val_nme: float | None = None
+    raw_val_mse: float | None = None
+    raw_val_nme: float | None = None
 
 
 @dataclass
@@ -67,6 +78,32 @@ class History:
     @classmethod
     def from_dict(cls, d: dict) -> History:
         return cls([EpochStats(**e) for e in d["epochs"]], d["best_epoch"], d["stopped_early"])
+
+
+EMA_WARMUP_POWER = 2 / 3  # timm ModelEmaV3's default
+
+
+def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:
+    """The weight average's decay at optimiser step ``step`` (1, 2, ...).
+
+    With ``warmup`` it is timm ModelEmaV3's ``1 - (1 + step) ** -2/3``, capped at ``decay``: 0.37 after one step,
+    0.95 after 100, 0.99 after 1,000, reaching 0.998 after about 11,000 steps. Without a warm-up, a 0.998
+    average after 300 steps still weighs the random initial weights by 0.998 ** 300 = 0.55.
+    """
+    if not warmup:
+        return decay
+    return min(decay, 1.0 - (1.0 + step) ** -EMA_WARMUP_POWER)
+
+
+def _ema_update(decay: float, warmup: bool):
+    """``AveragedModel``'s ``multi_avg_fn`` for :func:`ema_decay_at`."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        d = ema_decay_at(int(n_averaged), decay, warmup)  # n_averaged: updates so far, the first one a copy
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
+
+    return update
 
 
 def seed_everything(seed: int) -> None:
@@ -191,13 +228,10 @@ def fit(
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="min", factor=0.5, patience=params.lr_patience, min_lr=params.min_lr
         )
-    # The averaged weights are what gets validated, kept and returned; the raw weights only take the steps.
+    # With an average, both it and the raw weights are validated every epoch, and the better is what is kept.
     ema = None
     if params.ema_decay > 0:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(params.ema_decay)
-        )
-    scored = ema.module if ema is not None else model
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=_ema_update(params.ema_decay, params.ema_warmup))
     loss_fn = nn.MSELoss()
     rng = np.random.default_rng(params.seed)
     history = History()
@@ -222,15 +256,25 @@ def fit(
             total += loss.detach() * len(idx)  # summed on the device: no sync per step
             count += len(idx)
         train_mse = float(total) / count
-        val_mse, val_nme = evaluate_arrays(scored, *val, inner, align=align, first=val_first)
+        raw = evaluate_arrays(model, *val, inner, align=align, first=val_first)
+        kept, (val_mse, val_nme), extra = model, raw, {}
+        if ema is not None:
+            averaged = evaluate_arrays(ema.module, *val, inner, align=align, first=val_first)
+            extra = dict(
+                averaged_val_mse=averaged[0], averaged_val_nme=averaged[1], raw_val_mse=raw[0], raw_val_nme=raw[1]
+            )
+            # early in a run the average still lags the weights; it is kept as soon as it validates as well
+            if not averaged[1] > raw[1]:  # (also when there is no validation set: NaN)
+                kept, (val_mse, val_nme), extra["weights"] = ema.module, averaged, "averaged"
         score = val_nme if math.isfinite(val_nme) else train_mse
         if params.schedule == "plateau":
             sched.step(score)
-        stats = EpochStats(epoch, train_mse, val_mse, val_nme, opt.param_groups[0]["lr"], time.perf_counter() - t0)
+        lr = opt.param_groups[0]["lr"]
+        stats = EpochStats(epoch, train_mse, val_mse, val_nme, lr, time.perf_counter() - t0, **extra)
         history.epochs.append(stats)
         if score < best_score:
             best_score, since_best, history.best_epoch = score, 0, epoch
-            best_state = copy.deepcopy(scored.state_dict())
+            best_state = copy.deepcopy(kept.state_dict())
         else:
             since_best += 1
         if on_epoch:

@@ -12,16 +12,17 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fkd_core.annotate import AnnotateSettings, ShardCounts, run_shard
-from fkd_core.checkpoint import DEFAULT_MODEL
 from fkd_core.errors import RunConflict
 from fkd_core.image_io import DEFAULT_MAX_PIXELS, check_bucket, check_exists, join_uri, list_images
 from fkd_core.parquet_io import dataset, exists, part_uri, read_json, write_table
+from fkd_core.predict import Predictor
 from fkd_core.runs import RunRecord, finished_counts
-from flows._common import IO_RETRY, cached_predictor, chunks, flat_parameters, markdown_table
+from flows._common import IO_RETRY, chunks, flat_parameters, markdown_table
 from flows.progress import ProgressBoard, progress_sink
+from flows.settings import SERVED_MODEL, served_model
 
 PLAN_SCHEMA = pa.schema(
     [pa.field("shard", pa.int32(), nullable=False), pa.field("image_uri", pa.string(), nullable=False)]
@@ -38,7 +39,7 @@ class AnnotateConfig(BaseModel):
     run_id: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.-]+$", description="Run id; rerunning an existing one resumes it"
     )
-    model: str = Field(str(DEFAULT_MODEL), description="Checkpoint (.safetensors, with its .json beside it)")
+    model: str | None = Field(None, description=f"Checkpoint (.safetensors, its .json beside it); {SERVED_MODEL}")
     shard_size: int = Field(500, ge=1, le=100_000, description="Images per task")
     refine: bool = Field(
         True, description="Run a two-stage checkpoint's refining stage (off: first stage only, faster, less accurate)"
@@ -51,6 +52,8 @@ class AnnotateConfig(BaseModel):
     heartbeat_seconds: float = Field(
         30.0, ge=0.1, le=3600, description="How often the run record's heartbeat is rewritten while the run lives"
     )
+
+    _model = model_validator(mode="after")(served_model)
 
 
 def new_run_id() -> str:
@@ -78,7 +81,7 @@ def preflight(cfg: AnnotateConfig):
     prefix in an existing bucket is a run with nothing to do, not an error.
     """
     check_locations.fn(cfg.source, cfg.out)
-    return cached_predictor(cfg.model, cfg.refine)[1]
+    return Predictor.from_checkpoint(cfg.model, refine=cfg.refine)
 
 
 @task(**IO_RETRY)
@@ -120,6 +123,17 @@ def load_plan(uri: str) -> list[list[str]]:
     return [shards[i] for i in range(len(shards))]
 
 
+def shard_threads() -> int:
+    """Reading, decoding and Haar threads for one shard: on a Dask worker, the worker's own thread count (the
+    cores it was given, however many the machine has); elsewhere 0, one per core."""
+    try:
+        from distributed import get_worker
+
+        return max(1, get_worker().state.nthreads)
+    except ValueError:  # not running on a Dask worker
+        return 0
+
+
 @task(**IO_RETRY)
 def annotate_shard(
     uris: list[str],
@@ -132,9 +146,9 @@ def annotate_shard(
     progress_key: str | None = None,
 ) -> ShardCounts:
     """Annotate one shard end to end and write its Parquet parts (idempotent: reruns overwrite the same parts)."""
-    predictor, loaded = cached_predictor(model, refine)
-    settings = AnnotateSettings(detector=loaded.detector, max_pixels=max_pixels)
-    return run_shard(uris, shard, out, run_id, predictor, loaded.model_id, settings, progress_sink(progress_key))
+    predictor = Predictor.from_checkpoint(model, refine=refine)
+    settings = AnnotateSettings(max_pixels=max_pixels, threads=shard_threads())
+    return run_shard(uris, shard, out, run_id, predictor, settings, progress_sink(progress_key))
 
 
 @task(**IO_RETRY)
@@ -178,22 +192,23 @@ def annotate(cfg: AnnotateConfig) -> dict:
     (running, completed, failed or interrupted). Rerunning a run id resumes it.
     """
     check_locations(cfg.source, cfg.out)
-    loaded = cached_predictor(cfg.model, cfg.refine)[1]  # a missing or broken model fails here, before any write
+    # a missing or broken model fails here, before any write
+    predictor = Predictor.from_checkpoint(cfg.model, refine=cfg.refine)
     if cfg.incremental:
         with _one_incremental_run_at_a_time(cfg.out):
-            return _annotate(cfg, loaded)
-    return _annotate(cfg, loaded)
+            return _annotate(cfg, predictor)
+    return _annotate(cfg, predictor)
 
 
-def _annotate(cfg: AnnotateConfig, loaded) -> dict:
+def _annotate(cfg: AnnotateConfig, predictor: Predictor) -> dict:
     log = get_run_logger()
     t0 = time.perf_counter()
     run_id = cfg.run_id or new_run_id()
     run_uri = join_uri(cfg.out, "runs", f"{run_id}.json")
     plan_uri = join_uri(cfg.out, "runs", f"{run_id}.plan.parquet")
-    model_id = loaded.model_id
+    model_id = predictor.model_id
     # the detector settings travel in the checkpoint's JSON; the run records the ones it used
-    detector = loaded.detector.to_record()
+    detector = predictor.detector.to_record()
     previous = read_json(run_uri)
     if previous is not None and exists(plan_uri):
         for key, what, now in (("model_id", "model", model_id), ("detector", "detector settings", detector)):
@@ -292,6 +307,8 @@ def _run_shards(cfg: AnnotateConfig, run_id: str, shards: list[list[str]], log) 
         runner = _task_runner(cfg)
         with runner:
             board.listen_to(runner)
+            if cfg.dask_address and pending:
+                _load_model_on_workers(runner, cfg, log)
             futures = [
                 runner.submit(
                     annotate_shard,
@@ -330,6 +347,15 @@ def _run_shards(cfg: AnnotateConfig, run_id: str, shards: list[list[str]], log) 
     finally:
         board.close()
     return totals, pending
+
+
+def _load_model_on_workers(runner, cfg: AnnotateConfig, log) -> None:
+    """Have every Dask worker build the predictor before the shards go out (and any worker that joins later)."""
+    from flows.workers import ModelOnWorkers
+
+    t0 = time.perf_counter()
+    runner.client.register_plugin(ModelOnWorkers(cfg.model, cfg.refine))
+    log.info("model loaded on the Dask workers in %.1f s", time.perf_counter() - t0)
 
 
 def _task_runner(cfg: AnnotateConfig):

@@ -10,8 +10,6 @@ from typing import Annotated
 
 import typer
 
-from fkd_core.checkpoint import DEFAULT_MODEL
-
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="fkd: facial keypoints at pipeline scale.")
 
 
@@ -174,8 +172,9 @@ def ingest(
 @app.command()
 def train(
     examples: Annotated[str, typer.Argument(help="Examples dataset (<ingest out>/examples)")],
-    name: str = "naimishnet",
-    out_dir: str = str(DEFAULT_MODEL.parent),
+    name: Annotated[str, typer.Option(help="Checkpoint name; the weights' sha256 head is appended")] = "naimishnet",
+    out_dir: Annotated[str, typer.Option(help="Where the new checkpoint is written (never the served one)")] = "models",
+    force: Annotated[bool, typer.Option(help="Replace a checkpoint with the same name and weights")] = False,
     epochs: int = 150,
     patience: int = 20,
     seed: int = 0,
@@ -184,6 +183,7 @@ def train(
     schedule: Annotated[str, typer.Option(help="cosine or plateau")] = "cosine",
     min_lr: float = 1e-6,
     ema_decay: Annotated[float, typer.Option(help="> 0: keep an exponential moving average of the weights")] = 0.998,
+    ema_warmup: Annotated[bool, typer.Option(help="Warm the average's decay up from 0 (short runs)")] = True,
     flip: Annotated[float, typer.Option(help="Probability of a horizontal flip in augmentation")] = 0.0,
     shift: Annotated[float, typer.Option(help="Box jitter: centre shift as a fraction of the side")] = 0.0,
     scale: Annotated[float, typer.Option(help="Box jitter: side x U(1 - scale, 1 + scale)")] = 0.0,
@@ -196,7 +196,10 @@ def train(
     align_side: Annotated[float, typer.Option(help="Refining stage: crop side in RMS radii of the keypoints")] = 3.8,
     device: Annotated[str, typer.Option(help="cpu, or cuda[:N] to train on a GPU")] = "cpu",
 ) -> None:
-    """Train NaimishNet and save <out-dir>/<name>.safetensors + .json + _loss.png."""
+    """Train NaimishNet into a new checkpoint <out-dir>/<name>-<sha256 head>.safetensors + .json + _loss.png.
+
+    The served model never changes: point FKD_MODEL (or --model) at the new file to promote it.
+    """
     from flows.train import TrainConfig, preflight
     from flows.train import train as flow
 
@@ -208,6 +211,7 @@ def train(
                 examples=examples,
                 name=name,
                 out_dir=out_dir,
+                force=force,
                 epochs=epochs,
                 patience=patience,
                 seed=seed,
@@ -216,6 +220,7 @@ def train(
                 schedule=schedule,
                 min_lr=min_lr,
                 ema_decay=ema_decay,
+                ema_warmup=ema_warmup,
                 flip=flip,
                 shift=shift,
                 scale=scale,

@@ -6,17 +6,18 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fkd_core.checkpoint import DEFAULT_MODEL
 from fkd_core.evaluate import FaceResult, evaluate_rows, face_yaw, results_table, worst_montage
 from fkd_core.examples import LabelledRow, assign_split
 from fkd_core.image_io import check_bucket, check_exists, join_uri
 from fkd_core.metrics import by_pose, summarise
 from fkd_core.parquet_io import write_bytes, write_json, write_table
 from fkd_core.plots import png_bytes
-from flows._common import IO_RETRY, cached_predictor, chunks, flat_parameters, markdown_table
+from fkd_core.predict import Predictor
+from flows._common import IO_RETRY, chunks, flat_parameters, markdown_table
 from flows.ingest import read_csv
+from flows.settings import SERVED_MODEL, served_model
 
 
 class EvaluateConfig(BaseModel):
@@ -27,7 +28,7 @@ class EvaluateConfig(BaseModel):
     csv: str = Field(description="Keypoints CSV (same format as ingest)")
     images: str = Field(description="Directory or bucket prefix of the CSV's images")
     out: str = Field(description="Where metrics.json, faces.parquet and worst.png are written")
-    model: str = Field(str(DEFAULT_MODEL), description="Checkpoint (.safetensors)")
+    model: str | None = Field(None, description=f"Checkpoint (.safetensors); {SERVED_MODEL}")
     split: str = Field("all", pattern="^(all|train|val)$", description="Score all rows or one split of them")
     split_by: str | None = Field(None, pattern="^(person|frame)$", description="Default: the checkpoint's")
     val_fraction: float | None = Field(None, ge=0, lt=1, description="Default: the checkpoint's")
@@ -36,11 +37,12 @@ class EvaluateConfig(BaseModel):
     workers: int = Field(2, ge=1, le=64)
     worst: int = Field(12, ge=0, le=100, description="Faces in the worst-case montage")
 
+    _model = model_validator(mode="after")(served_model)
+
 
 @task(**IO_RETRY)
 def score_shard(rows: list[LabelledRow], images: str, model: str) -> list[FaceResult]:
-    predictor, loaded = cached_predictor(model)
-    return evaluate_rows(rows, images, predictor, loaded.detector)
+    return evaluate_rows(rows, images, Predictor.from_checkpoint(model))
 
 
 def preflight(cfg: EvaluateConfig):
@@ -49,7 +51,7 @@ def preflight(cfg: EvaluateConfig):
     check_exists(cfg.images, "images", directory=True)
     check_bucket(cfg.out, "output bucket")
     # the same cached load the shards use: the CLI's check, the flow and every shard share one checkpoint load
-    return cached_predictor(cfg.model)[1]
+    return Predictor.from_checkpoint(cfg.model).checkpoint
 
 
 @flow(name="evaluate")

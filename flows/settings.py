@@ -64,6 +64,18 @@ class FkdSettings(BaseSettings):
         return tuple(sources)
 
 
+SERVED_MODEL = "default: FKD_MODEL (or the settings file's model), else the packaged model"
+
+
+def served_model(cfg):
+    """A config's ``model``, filled in where it was not given: the served model, which is only ever what FKD_MODEL
+    (or the settings file) names, or the packaged default. Resolved where the flow runs, so a promotion by
+    FKD_MODEL reaches every deployment served or worked there. (A pydantic after-validator.)"""
+    if cfg.model is None:
+        cfg.model = load_settings().model
+    return cfg
+
+
 class SettingsError(ValueError):
     """Settings could not be loaded; the message names the variable, file, flag or field."""
 

@@ -1,4 +1,4 @@
-"""Flow ``train``: examples Parquet -> trained NaimishNet in ``saved_models/`` (+ loss curve, metrics)."""
+"""Flow ``train``: examples Parquet -> a new NaimishNet checkpoint ``<out_dir>/<name>-<sha256>`` (+ loss curve)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fkd_core.align import AlignPolicy
 from fkd_core.augment import AugmentConfig
-from fkd_core.checkpoint import SAVED_MODELS, LoadedModel, load_checkpoint, save_checkpoint
+from fkd_core.checkpoint import LoadedModel, load_checkpoint, pack_checkpoint, save_new_checkpoint
 from fkd_core.detect import DetectorConfig
-from fkd_core.errors import CheckpointError, UserError
+from fkd_core.errors import UserError
 from fkd_core.examples import CANONICAL_MARGIN, inner_fraction
 from fkd_core.geometry import CropPolicy
 from fkd_core.image_io import check_bucket, check_exists
 from fkd_core.metrics import nme_per_face
 from fkd_core.model import NaimishNetConfig
-from fkd_core.parquet_io import dataset, exists, read_examples, read_json, write_bytes
+from fkd_core.parquet_io import dataset, read_examples, read_json, write_bytes
 from fkd_core.plots import loss_curve_png
 from fkd_core.train import EpochStats, History, TrainParams, evaluate_arrays, fit, predict_canonical
 from flows._common import flat_parameters
@@ -35,8 +35,13 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     examples: str = Field(description="Examples dataset (the ingest flow's <out>/examples)")
-    out_dir: str = Field(str(SAVED_MODELS), description="Where <name>.safetensors/.json/_loss.png are written")
-    name: str = Field("naimishnet", pattern=r"^[A-Za-z0-9_.-]+$", description="Checkpoint name")
+    out_dir: str = Field(
+        "models", description="Where <name>-<sha256 head>.safetensors, .json and _loss.png are written"
+    )
+    name: str = Field(
+        "naimishnet", pattern=r"^[A-Za-z0-9_.-]+$", description="Checkpoint name; the weights' sha256 head is appended"
+    )
+    force: bool = Field(False, description="Replace a checkpoint of the same name and weights (never done otherwise)")
     input_size: int = Field(96, ge=32, le=256, description="Model input S (S x S pixels)")
     epochs: int = Field(150, ge=1, le=10_000, description="Maximum epochs")
     batch_size: int = Field(32, ge=1, le=4096)
@@ -51,6 +56,7 @@ class TrainConfig(BaseModel):
     ema_decay: float = Field(
         0.998, ge=0, lt=1, description="> 0: validate and keep an exponential moving average of the weights"
     )
+    ema_warmup: bool = Field(True, description="Warm the average's decay up from 0 (short and fine-tuning runs)")
     augment: bool = Field(True, description="Augment: brightness/contrast, plus the jitter, rotation and flip below")
     # Measured (README "Augmentation, by measurement"): geometric jitter cost validation NME here, because every
     # crop, in training and inference, comes from the same cascade's box; so it is off unless asked for.
@@ -128,6 +134,21 @@ def val_nme(loaded: LoadedModel, val_xy: tuple[np.ndarray, np.ndarray], inner: f
     return evaluate_arrays(loaded.refine, *val_xy, inner, align=loaded.align, first=first)[1]
 
 
+def loss_curves(history: History, ema_decay: float) -> tuple:
+    """``loss_curve_png``'s arguments: with a weight average, its validation curves and the raw weights' NME."""
+    e = history.epochs
+    curves = ([s.epoch for s in e], [s.train_mse for s in e])
+    if ema_decay > 0 and e and e[0].averaged_val_nme is not None:
+        return (
+            *curves,
+            [s.averaged_val_mse for s in e],
+            [s.averaged_val_nme for s in e],
+            f"EMA {ema_decay:g}",
+            [s.raw_val_nme for s in e],
+        )
+    return (*curves, [s.val_mse for s in e], [s.val_nme for s in e])
+
+
 def checkpoint_record(cfg: TrainConfig, fingerprint: dict, inner: float, history: History, seconds: float) -> dict:
     """What a checkpoint's JSON records of its training run: data, seed, recipe, best-epoch metrics, history."""
     best = history.best
@@ -147,10 +168,10 @@ def checkpoint_record(cfg: TrainConfig, fingerprint: dict, inner: float, history
     }
 
 
-def preflight(cfg: TrainConfig) -> str:
-    """Refuse, naming it, what cannot work: no GPU, missing examples or bucket, a model already at the target.
+def preflight(cfg: TrainConfig) -> None:
+    """Refuse, naming it, what cannot work: no GPU, missing examples, a missing output bucket or start checkpoint.
 
-    Returns the weights path the run will write.
+    No name can clash with a served model: the checkpoint is named by its weights' sha256 (``save_new_checkpoint``).
     """
     import torch
 
@@ -158,11 +179,9 @@ def preflight(cfg: TrainConfig) -> str:
         raise UserError(f"device: {cfg.device!r} asked for, but torch sees no CUDA GPU on this machine")
     check_exists(cfg.examples, "examples", directory=True)
     check_bucket(cfg.out_dir, "output bucket")
-    weights = f"{cfg.out_dir.rstrip('/')}/{cfg.name}.safetensors"
-    if exists(weights):
-        # a served model may be reading it: a retrain writes beside it, never over it
-        raise CheckpointError(f"model {weights} exists; fkd never overwrites a model: pick another --name or --out-dir")
-    return weights
+    for what, uri in (("init", cfg.init), ("refine_of", cfg.refine_of)):
+        if uri:
+            check_exists(uri, what)
 
 
 @flow(name="train")
@@ -174,7 +193,7 @@ def train(cfg: TrainConfig) -> dict:
     log = get_run_logger()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    weights = preflight(cfg)
+    preflight(cfg)
     t0 = time.perf_counter()
     fingerprint = data_fingerprint(cfg.examples)
     train_xy = load_split(cfg.examples, "train", cfg.max_train)
@@ -189,6 +208,7 @@ def train(cfg: TrainConfig) -> dict:
         schedule=cfg.schedule,
         min_lr=cfg.min_lr,
         ema_decay=cfg.ema_decay,
+        ema_warmup=cfg.ema_warmup,
         augment=AugmentConfig(scale=cfg.scale, shift=cfg.shift, rotate_deg=cfg.rotate, flip=cfg.flip)
         if cfg.augment
         else AugmentConfig.none(),
@@ -200,12 +220,13 @@ def train(cfg: TrainConfig) -> dict:
 
     def on_epoch(s: EpochStats) -> None:
         log.info(
-            "epoch %3d/%d  train MSE %.5f  val MSE %.5f  val NME %.4f  lr %.1e  %.1f s",
+            "epoch %3d/%d  train MSE %.5f  val MSE %.5f  val NME %.4f (%s weights)  lr %.1e  %.1f s",
             s.epoch,
             cfg.epochs,
             s.train_mse,
             s.val_mse,
             s.val_nme,
+            s.weights,
             s.lr,
             s.seconds,
         )
@@ -265,26 +286,23 @@ def train(cfg: TrainConfig) -> dict:
         stages = {"model": first.model, "refine": model, "align": align}
         meta["refine_of"] = {"model_id": first.model_id, "metrics": first.meta.get("metrics")}
     # float16 weights halve the checkpoint; keep them only if validation NME is unchanged to 1e-4.
-    save_checkpoint(weights_uri=weights, policy=policy, detector=detector, meta=meta, dtype=torch.float16, **stages)
-    nme16 = val_nme(load_checkpoint(weights), val_xy, inner)
+    packed = pack_checkpoint(name=cfg.name, policy=policy, detector=detector, meta=meta, **stages)
+    nme16 = val_nme(packed.load(), val_xy, inner)
     keep16 = not np.isfinite(nme16) or abs(nme16 - best.val_nme) <= 1e-4
     if not keep16:
         log.info("float16 changes val NME %.5f -> %.5f: storing float32", best.val_nme, nme16)
-    model_id = save_checkpoint(
-        weights_uri=weights,
+    packed = pack_checkpoint(
+        name=cfg.name,
         **stages,
         policy=policy,
         detector=detector,
         meta={**meta, "float16_val_nme": nme16},
         dtype=torch.float16 if keep16 else torch.float32,
     )
-    png = loss_curve_png(
-        [e.epoch for e in history.epochs],
-        [e.train_mse for e in history.epochs],
-        [e.val_mse for e in history.epochs],
-        [e.val_nme for e in history.epochs],
-    )
-    write_bytes(png, f"{cfg.out_dir.rstrip('/')}/{cfg.name}_loss.png")
+    model_id = packed.model_id
+    weights = save_new_checkpoint(packed, cfg.out_dir, force=cfg.force)
+    png = loss_curve_png(*loss_curves(history, cfg.ema_decay))
+    write_bytes(png, f"{cfg.out_dir.rstrip('/')}/{model_id}_loss.png")
     log.info("saved %s (best epoch %d, val NME %.4f)", model_id, history.best_epoch, best.val_nme)
     return {
         "model_id": model_id,

@@ -124,15 +124,15 @@ def test_two_stage_prediction_maps_the_refined_points_back_to_the_image():
     second = _Const(normalise(aligned, 96))
     gray = np.random.default_rng(0).integers(0, 255, size=(480, 640), dtype=np.uint8)
     boxes = [Box(100, 80, 150, 150), Box(500, 300, 60, 60), Box(-20, 400, 120, 120)]
-    one = Predictor(first.eval(), CropPolicy(), backend="torch").predict_boxes(gray, boxes)
+    one = Predictor(first.eval(), CropPolicy(), backend="torch").predict([gray], [boxes])[0]
     pred = Predictor(first.eval(), CropPolicy(), backend="torch", refine=second.eval(), align=AlignPolicy())
-    two = pred.predict_boxes(gray, boxes)
+    two = pred.predict([gray], [boxes])[0]
     for a, b in zip(one, two, strict=True):
         assert np.allclose(a.keypoints, b.keypoints, atol=1e-3)
     # and a second stage that answers something else moves the points
     other = _Const(normalise(aligned + np.array([3.0, 0.0]), 96))
     moved = Predictor(first.eval(), CropPolicy(), backend="torch", refine=other.eval(), align=AlignPolicy())
-    k = moved.predict_boxes(gray, boxes[:1])[0].keypoints
+    k = moved.predict([gray], [boxes[:1]])[0][0].keypoints
     assert np.linalg.norm(k - one[0].keypoints, axis=1).mean() > 1.0
 
 

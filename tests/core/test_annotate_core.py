@@ -40,7 +40,7 @@ def test_shard_statuses_and_keypoints_in_original_pixels(corrupt_dir, tmp_path):
         assert np.allclose(kp, [box.cx - 0.5, box.cy + CropPolicy().shift_y * box.h - 0.5], atol=0.01)
     img_tbl, face_tbl = tables(images, "m-000000000000", dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
     assert img_tbl.num_rows == len(uris) and face_tbl.num_rows == sum(len(im.boxes) for im in images)
-    counts = run_shard(uris, 7, str(tmp_path), "r", pred, "m-000000000000", AnnotateSettings(max_pixels=20_000_000))
+    counts = run_shard(uris, 7, str(tmp_path), "r", pred, AnnotateSettings(max_pixels=20_000_000))
     assert (counts.images, counts.error, counts.no_face, counts.faces) == (len(uris), 5, 1, face_tbl.num_rows)
     written = pq.read_table(tmp_path / "images" / "run_id=r" / "part-00007.parquet")
     assert written.schema.equals(IMAGES_SCHEMA)

@@ -154,3 +154,32 @@ def test_two_stage_checkpoint_round_trip_and_refusals(tmp_path):
         load_checkpoint(uri)
     with pytest.raises(ValueError, match="align policy"):
         save_checkpoint(first, uri, policy=CropPolicy(), detector=DetectorConfig(), meta={}, refine=second)
+
+
+def test_a_new_checkpoint_is_named_by_its_weights_and_never_overwrites_one(tmp_path):
+    from fkd_core.checkpoint import pack_checkpoint, save_new_checkpoint
+
+    torch.manual_seed(0)
+    packed = pack_checkpoint(NaimishNet(), "retrained", policy=CropPolicy(), detector=DetectorConfig(), meta={})
+    assert packed.model_id == "retrained-" + packed.doc["weights_sha256"][:12]
+    assert packed.load().model_id == packed.model_id  # what disk would give back, before anything is written
+    uri = save_new_checkpoint(packed, str(tmp_path / "models"))
+    assert uri == str(tmp_path / "models" / f"{packed.model_id}.safetensors")
+    assert load_checkpoint(uri).model_id == packed.model_id
+    # the same name and weights again (a deterministic rerun) must not replace the file a server may be reading
+    other = pack_checkpoint(NaimishNet(), "retrained", policy=CropPolicy(), detector=DetectorConfig(), meta={"x": 1})
+    clash = pack_checkpoint(
+        load_checkpoint(uri).model,
+        "retrained",
+        policy=CropPolicy(),
+        detector=DetectorConfig(),
+        meta={"seed": 9},
+    )
+    assert clash.model_id == packed.model_id and other.model_id != packed.model_id
+    before = (tmp_path / "models" / f"{packed.model_id}.json").read_text()
+    with pytest.raises(CheckpointError, match="never overwrites a model"):
+        save_new_checkpoint(clash, str(tmp_path / "models"))
+    assert (tmp_path / "models" / f"{packed.model_id}.json").read_text() == before
+    save_new_checkpoint(clash, str(tmp_path / "models"), force=True)
+    assert load_checkpoint(uri).meta["seed"] == 9
+    assert save_new_checkpoint(other, str(tmp_path / "models")) != uri  # new weights: a file of their own

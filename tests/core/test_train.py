@@ -59,20 +59,23 @@ def test_fit_is_deterministic_and_learns():
     assert h1.best_epoch == min(h1.epochs, key=lambda e: e.val_nme).epoch
 
 
-def test_ema_scores_and_returns_the_averaged_weights():
+def test_with_an_average_both_weights_are_validated_and_the_better_is_kept():
     crops, kp = _toy()
     val = (crops[:8], kp[:8])
     torch.set_num_threads(1)
-    base = dict(epochs=2, batch_size=8, patience=5, seed=3)
+    base = dict(epochs=3, batch_size=8, patience=5, seed=3)
     m_raw, h_raw = fit((crops, kp), val, params=TrainParams(**base), inner=1 / 1.5)
     m_ema, h_ema = fit((crops, kp), val, params=TrainParams(**base, ema_decay=0.5), inner=1 / 1.5)
     # averaging never touches the optimiser's trajectory ...
     assert [e.train_mse for e in h_ema.epochs] == [e.train_mse for e in h_raw.epochs]
-    # ... but what is validated and returned is the average, not the last step's weights
-    pairs = zip(m_raw.state_dict().values(), m_ema.state_dict().values(), strict=True)
-    assert any(not torch.equal(a, b) for a, b in pairs)
+    assert [e.raw_val_nme for e in h_ema.epochs] == [e.val_nme for e in h_raw.epochs]
+    # ... each epoch offers the better of the two, and says which
+    for e in h_ema.epochs:
+        assert e.val_nme == min(e.averaged_val_nme, e.raw_val_nme)
+        assert e.weights == ("averaged" if e.averaged_val_nme <= e.raw_val_nme else "raw")
+    # what is returned is what scored best
     _, nme = evaluate_arrays(m_ema, *val, 1 / 1.5)
-    assert abs(nme - h_ema.best.val_nme) < 1e-6
+    assert abs(nme - h_ema.best.val_nme) < 1e-6 and h_ema.best.val_nme <= h_raw.best.val_nme
     # with a vanishing decay the average is the current weights
     m_0, _ = fit((crops, kp), val, params=TrainParams(**base, ema_decay=1e-12), inner=1 / 1.5)
     for a, b in zip(m_raw.state_dict().values(), m_0.state_dict().values(), strict=True):
@@ -91,3 +94,41 @@ def test_cosine_schedule_decays_to_min_lr_and_bad_values_are_refused():
         fit((crops, kp), (crops[:4], kp[:4]), params=TrainParams(schedule="step"), inner=1 / 1.5)
     with pytest.raises(ValueError, match="ema_decay must be"):
         fit((crops, kp), (crops[:4], kp[:4]), params=TrainParams(ema_decay=1.0), inner=1 / 1.5)
+
+
+def test_the_weight_average_warms_up_so_a_short_run_is_not_its_starting_point():
+    from fkd_core.train import ema_decay_at
+
+    decays = [ema_decay_at(s, 0.998) for s in (1, 10, 100, 1000, 100_000)]
+    assert decays == sorted(decays) and decays[0] < 0.5 and decays[-1] == 0.998
+    assert ema_decay_at(1, 0.998, warmup=False) == 0.998
+    # 300 steps (a few epochs): with the warm-up the random start weighs almost nothing in the average
+    start_weight = lambda warmup: float(np.prod([ema_decay_at(s, 0.998, warmup) for s in range(1, 301)]))  # noqa: E731
+    assert start_weight(True) < 1e-6 < 0.5 < start_weight(False)
+    # a few steps in, the warmed-up average validates close to the raw weights; the cold one is still the start
+    crops, kp = _toy(48)
+    val = (crops[:8], kp[:8])
+    torch.set_num_threads(1)
+    base = dict(epochs=3, batch_size=8, patience=5, seed=3, ema_decay=0.998)
+    _, warm = fit((crops, kp), val, params=TrainParams(**base), inner=1 / 1.5)
+    _, cold = fit((crops, kp), val, params=TrainParams(**base, ema_warmup=False), inner=1 / 1.5)
+    lag = {k: h.epochs[-1].averaged_val_nme - h.epochs[-1].raw_val_nme for k, h in (("warm", warm), ("cold", cold))}
+    assert 0 < 2 * lag["warm"] < lag["cold"], lag
+    # and whichever it is, the run keeps weights at least as good as the raw ones
+    assert cold.best.val_nme <= cold.best.raw_val_nme and cold.best.weights == "raw"
+
+
+def test_loss_plot_names_the_averaged_curves_and_counts_whole_epochs():
+    from fkd_core.plots import loss_curve_figure
+
+    fig = loss_curve_figure(
+        [1, 2, 3], [0.3, 0.2, 0.1], [0.4, 0.3, 0.2], [0.5, 0.4, 0.3], averaged="EMA 0.998", raw_val_nme=[0.4] * 3
+    )
+    labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert "validation MSE (EMA 0.998 weights)" in labels and "validation NME (EMA 0.998 weights)" in labels
+    assert "train MSE (raw weights)" in labels and "validation NME (raw weights)" in labels
+    fig.canvas.draw()
+    ticks = [t for t in fig.axes[0].get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    plain = loss_curve_figure([1, 2], [0.3, 0.2], [0.4, 0.3])
+    assert [t.get_text() for t in plain.axes[0].get_legend().get_texts()] == ["train MSE", "validation MSE"]

@@ -373,3 +373,22 @@ def test_a_quiet_incremental_rerun_from_the_cli_prints_no_traceback(tmp_path, sa
     assert [r.returncode for r in runs] == [0, 0], runs[1].stderr[-2000:]
     assert [json.loads(r.stdout)["counts"]["images"] for r in runs] == [3, 0]
     assert "Traceback" not in runs[1].stderr and "ERROR" not in runs[1].stderr, runs[1].stderr[-2000:]
+
+
+def test_a_run_given_no_model_serves_only_fkd_model_or_the_packaged_one(tmp_path, sample_dir, monkeypatch):
+    """A retrained checkpoint lying beside the packaged one changes nothing until FKD_MODEL names it."""
+    from fkd_core.checkpoint import DEFAULT_MODEL, load_checkpoint, save_checkpoint
+    from fkd_core.detect import DetectorConfig
+    from fkd_core.geometry import CropPolicy
+    from fkd_core.model import NaimishNet
+
+    retrained = str(tmp_path / "models" / "retrained.safetensors")
+    rid = save_checkpoint(NaimishNet(), retrained, policy=CropPolicy(), detector=DetectorConfig(), meta={})
+    photos = str(sample_dir / "photos")
+    monkeypatch.delenv("FKD_MODEL", raising=False)
+    monkeypatch.chdir(tmp_path)  # no fkd.toml here
+    packaged = annotate(source=photos, out=str(tmp_path / "a"))
+    assert packaged["model_id"] == load_checkpoint(DEFAULT_MODEL).model_id != rid
+    monkeypatch.setenv("FKD_MODEL", retrained)
+    promoted = annotate(source=photos, out=str(tmp_path / "b"))
+    assert promoted["model_id"] == rid and promoted["config"]["model"] == retrained

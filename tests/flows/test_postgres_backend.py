@@ -77,21 +77,24 @@ def test_served_deployments_run_end_to_end_on_postgres(tmp_path, postgres_url, s
             ),
             (
                 "evaluate",
-                {
+                lambda: {
                     "csv": str(sample_csv),
                     "images": str(sample_dir / "images"),
                     "out": str(tmp_path / "eval"),
-                    "model": str(models / "retrained.safetensors"),
+                    # the new checkpoint, named by its weights' sha256 (as its train run logged)
+                    "model": str(next(models.glob("retrained-*.safetensors"))),
                 },
             ),
             ("annotate", {"source": str(sample_dir / "photos"), "out": str(tmp_path / "annotated")}),
         ]
         for flow, values in steps:
-            run = run_readme_command(flow, env, values, tmp_path)
+            run = run_readme_command(flow, env, values() if callable(values) else values, tmp_path)
             wait_state(api, run, {"COMPLETED"}, 300, serve)
         report = json.loads((tmp_path / "ingest" / "ingest_report.json").read_text())
         assert report["rows_kept"] == 60
-        retrained = load_checkpoint(models / "retrained.safetensors")
+        (weights,) = models.glob("retrained-*.safetensors")
+        retrained = load_checkpoint(weights)
+        assert weights.stem == retrained.model_id
         assert retrained.meta["train"]["epochs_run"] == 1
         metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
         assert metrics["model_id"] == retrained.model_id and metrics["metrics"]["faces"] == 60

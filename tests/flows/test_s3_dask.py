@@ -139,12 +139,19 @@ def test_annotate_on_dask_equals_the_local_run(tmp_path, dask_cluster, sample_di
     # same boxes; keypoints equal to 0.02 px: a Dask worker's ONNX Runtime may use another thread count, so
     # its sums run in another order (seen: 0.005 px after both stages), far below any real difference
     assert all(fa[k][0] == fb[k][0] and np.allclose(fa[k][1], fb[k][1], atol=0.02) for k in fa)
-    # the shards really ran on the workers, not in this process
+    # every worker built the model once, when the run registered it, before its first shard came
     from distributed import Client
 
+    from flows.annotate import shard_threads
+
     with Client(dask_cluster) as c:
-        logs = c.run(lambda: __import__("flows._common")._common._predictor.cache_info().currsize)
-    assert sum(logs.values()) >= 1
+        built = c.run(lambda: __import__("fkd_core.predict").predict._cached.cache_info())
+        loaded = [e for _, e in c.get_events("fkd") if e.get("action") == "model-loaded"]
+        # a shard's reading and decoding threads are the worker's thread count (1 here), not the machine's cores
+        threads = c.submit(shard_threads, pure=False).result()
+    assert len(built) == 2 and all(info.currsize >= 1 and info.misses == info.currsize for info in built.values())
+    assert {e["worker"] for e in loaded} == set(built)
+    assert threads == 1 and shard_threads() == 0
 
 
 def _debug(fa, fb):

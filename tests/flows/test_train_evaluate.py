@@ -33,7 +33,9 @@ def test_train_writes_a_deterministic_checkpoint_with_its_record(tmp_path, examp
     a = train(out_dir=str(tmp_path / "a"), name="tiny", **cfg)
     b = train(out_dir=str(tmp_path / "b"), name="tiny", **cfg)
     assert a["model_id"] == b["model_id"]  # same seed and data: byte-identical weights
-    doc = json.loads((tmp_path / "a" / "tiny.json").read_text())
+    # the checkpoint is named by its weights' hash, so a retrain never takes a served model's name
+    assert a["weights"] == str(tmp_path / "a" / f"{a['model_id']}.safetensors") and a["model_id"].startswith("tiny-")
+    doc = json.loads((tmp_path / "a" / f"{a['model_id']}.json").read_text())
     assert doc["seed"] == 3 and doc["train"]["epochs_run"] == 2 == len(doc["history"]["epochs"])
     assert doc["data"]["n_train"] + doc["data"]["n_val"] == 60 and len(doc["data"]["sha256"]) == 64
     assert doc["model"] == {"input_size": 96, "num_keypoints": 68}
@@ -44,12 +46,16 @@ def test_train_writes_a_deterministic_checkpoint_with_its_record(tmp_path, examp
     )
     assert doc["crop_policy"]["scale"] > 1 and doc["dtype"] in ("float16", "float32")
     assert all(np.isfinite(e["val_mse"]) for e in doc["history"]["epochs"])
-    png = cv2.imread(str(tmp_path / "a" / "tiny_loss.png"))
+    png = cv2.imread(str(tmp_path / "a" / f"{a['model_id']}_loss.png"))
     assert png is not None and png.shape[0] > 100
-    c = train(out_dir=str(tmp_path / "c"), name="tiny", **{**cfg, "seed": 4})
-    assert c["model_id"] != a["model_id"]
-    loaded = load_checkpoint(str(tmp_path / "a" / "tiny.safetensors"))
-    assert loaded.model_id == a["model_id"]
+    # another seed writes a second checkpoint beside the first; the same weights again are refused unless forced
+    c = train(out_dir=str(tmp_path / "a"), name="tiny", **{**cfg, "seed": 4})
+    assert c["model_id"] != a["model_id"] and load_checkpoint(a["weights"]).model_id == a["model_id"]
+    before = Path(a["weights"]).read_bytes(), Path(a["weights"]).with_suffix(".json").read_text()
+    with pytest.raises(UserError, match="never overwrites a model"):
+        train(out_dir=str(tmp_path / "a"), name="tiny", **cfg)
+    assert (Path(a["weights"]).read_bytes(), Path(a["weights"]).with_suffix(".json").read_text()) == before
+    assert train(out_dir=str(tmp_path / "a"), name="tiny", force=True, **cfg)["model_id"] == a["model_id"]
 
 
 def test_train_records_the_detector_that_cut_its_crops(tmp_path, examples):
@@ -62,8 +68,8 @@ def test_train_records_the_detector_that_cut_its_crops(tmp_path, examples):
     shutil.copytree(src, copy)
     report["detector"] = {**report["detector"], "min_neighbors": 4, "fallback_min_neighbors": 2}
     (copy / "ingest_report.json").write_text(json.dumps(report))
-    train(examples=str(copy / "examples"), out_dir=str(tmp_path), name="d", epochs=1, threads=1)
-    loaded = load_checkpoint(str(tmp_path / "d.safetensors"))
+    d = train(examples=str(copy / "examples"), out_dir=str(tmp_path), name="d", epochs=1, threads=1)
+    loaded = load_checkpoint(d["weights"])
     assert (loaded.detector.min_neighbors, loaded.detector.fallback_min_neighbors) == (4, 2)
     assert loaded.meta["data"]["detector"]["min_neighbors"] == 4
 
@@ -108,12 +114,12 @@ def test_refining_stage_is_trained_for_a_first_stage_and_used_end_to_end(tmp_pat
 
     cfg = dict(examples=examples, epochs=1, batch_size=16, seed=0, threads=1)
     one = train(out_dir=str(tmp_path), name="one", **cfg)
-    first_uri = str(tmp_path / "one.safetensors")
+    first_uri = one["weights"]
     two = train(out_dir=str(tmp_path), name="two", refine_of=first_uri, **{**cfg, "epochs": 2})
-    first, loaded = load_checkpoint(first_uri), load_checkpoint(str(tmp_path / "two.safetensors"))
+    first, loaded = load_checkpoint(first_uri), load_checkpoint(two["weights"])
     assert loaded.model_id == two["model_id"] != one["model_id"]
     assert loaded.refine is not None and loaded.align is not None and loaded.align.context_size == 144
-    doc = json.loads((tmp_path / "two.json").read_text())
+    doc = loaded.meta
     assert doc["refine_of"]["model_id"] == one["model_id"] and doc["train"]["epochs_run"] == 2
     # the file's first stage is the given checkpoint, unchanged
     for k, v in first.model.state_dict().items():
@@ -130,7 +136,7 @@ def test_refining_stage_is_trained_for_a_first_stage_and_used_end_to_end(tmp_pat
         csv=str(sample_csv),
         images=str(sample_dir / "images"),
         out=str(tmp_path / "e2"),
-        model=str(tmp_path / "two.safetensors"),
+        model=two["weights"],
         worst=0,
     )
     f1, f2 = (pq.read_table(tmp_path / d / "faces.parquet").to_pandas() for d in ("e1", "e2"))
@@ -139,7 +145,7 @@ def test_refining_stage_is_trained_for_a_first_stage_and_used_end_to_end(tmp_pat
     assert m2["metrics"]["nme_mean"] != m1["metrics"]["nme_mean"]
     # a two-stage checkpoint cannot be refined again, and crop policies must agree
     with pytest.raises(UserError, match="already has a refining stage"):
-        train(out_dir=str(tmp_path), name="three", refine_of=str(tmp_path / "two.safetensors"), **cfg)
+        train(out_dir=str(tmp_path), name="three", refine_of=two["weights"], **cfg)
     save_checkpoint(
         NaimishNet(),
         str(tmp_path / "wide.safetensors"),
