@@ -18,7 +18,14 @@ import numpy as np
 import pyarrow as pa
 
 from fkd_core.errors import ImageError
-from fkd_core.image_io import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_gray, iter_read, sha256_hex
+from fkd_core.image_io import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    decode_gray,
+    iter_read,
+    sha256_hex,
+    stable_reason,
+)
 from fkd_core.parquet_io import FACES_SCHEMA, IMAGES_SCHEMA, keypoint_column, part_uri, write_table
 from fkd_core.predict import Located, Predictor
 from fkd_core.types import Box
@@ -46,6 +53,7 @@ class _Image:
     boxes: list[Box] = field(default_factory=list)
     located: Located | None = None  # the faces' crops, until the model has run
     keypoints: list[np.ndarray] = field(default_factory=list)  # (68, 2) original pixels, per box
+    version: str | None = None  # the source file's version as listed (size + mtime, or ETag)
 
     def fail(self, reason: str) -> None:
         self.status, self.error = "error", reason
@@ -80,7 +88,7 @@ def _prepare(uri: str, data: bytes | ImageError, predictor: Predictor, s: Annota
     except ImageError as e:
         img.fail(str(e))
     except Exception as e:  # noqa: BLE001 - an unexpected failure on one file must not stop the batch
-        img.fail(f"internal error: {type(e).__name__}: {e}")
+        img.fail(f"internal error: {stable_reason(f'{type(e).__name__}: {e}')}")
     else:
         img.status = "ok" if img.boxes else "no_face"
     return img
@@ -150,6 +158,7 @@ def tables(images: list[_Image], model_id: str, created_at: dt.datetime) -> tupl
             "bytes": pa.array([im.nbytes for im in images], pa.int64()),
             "sha256": [im.sha256 for im in images],
             "created_at": ts,
+            "source_version": pa.array([im.version for im in images], pa.string()),
         }
     )
     faces = [(im, k) for im in images for k in range(len(im.boxes))]
@@ -179,10 +188,16 @@ def run_shard(
     predictor: Predictor,
     s: AnnotateSettings = AnnotateSettings(),
     progress: Callable[[int], None] | None = None,
+    versions: list[str | None] | None = None,
 ) -> ShardCounts:
-    """Annotate one shard and write its parts; the ``images`` part goes last and marks the shard done."""
+    """Annotate one shard and write its parts; the ``images`` part goes last and marks the shard done.
+
+    ``versions`` (one per URI, as listed) are written with the images, so ``--incremental`` sees replaced files.
+    """
     t0 = time.perf_counter()
     images = annotate_images(uris, predictor, s, progress)
+    for im, v in zip(images, versions or [None] * len(images), strict=True):
+        im.version = v
     img_tbl, face_tbl = tables(images, predictor.model_id, dt.datetime.now(dt.UTC))
     write_table(face_tbl, part_uri(out, "faces", run_id, shard), FACES_SCHEMA)
     write_table(img_tbl, part_uri(out, "images", run_id, shard), IMAGES_SCHEMA)

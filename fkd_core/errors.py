@@ -37,6 +37,16 @@ class BucketNotFound(UserError, FileNotFoundError):
     """An object-store bucket does not exist (fkd never creates one)."""
 
 
+class AccessDenied(UserError, PermissionError):
+    """The store refused the credentials fkd was given for a location."""
+
+
+CREDENTIAL_HINT = (
+    "check the store's credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, "
+    "or the instance role) and its endpoint (AWS_ENDPOINT_URL)"
+)
+
+
 class RunConflict(UserError):
     """A run id cannot be resumed as asked (another model or detector settings than it started with)."""
 

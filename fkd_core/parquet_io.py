@@ -48,6 +48,8 @@ IMAGES_SCHEMA = pa.schema(
         pa.field("bytes", pa.int64(), nullable=False),
         pa.field("sha256", pa.string()),
         pa.field("created_at", TS_TYPE, nullable=False),
+        # the listed file's version (local: size and mtime; object store: ETag): --incremental redoes a replaced file
+        pa.field("source_version", pa.string()),
     ]
 )
 
@@ -148,18 +150,24 @@ def dataset(uri: str, schema: pa.Schema | None = None, partitioning=None) -> pad
 
     ``partitioning="runs"`` reads the ``run_id=<id>/`` layout of annotate output with ``run_id`` as a string.
 
-    Hidden/temporary files (``.*.tmp``) are ignored, so an interrupted writer's leftovers are never read.
+    A directory is read as its ``part-*.parquet`` files only (``run_id=*/part-*.parquet`` with ``"runs"``), so an
+    interrupted writer's hidden temporary files, or anything else put there, are never read.
     """
     fs, path = url_to_fs(uri)
-    return pads.dataset(
-        path,
-        filesystem=fs,
-        format="parquet",
-        partitioning=RUN_PARTITIONING if partitioning == "runs" else partitioning,
-        schema=schema,
-        exclude_invalid_files=False,
-        ignore_prefixes=[".", "_"],
-    )
+    if partitioning == "runs" or fs.isdir(path):
+        # only fkd's own part files: a README.md or a stray file dropped into the directory is never read
+        pattern = "run_id=*/part-*.parquet" if partitioning == "runs" else "part-*.parquet"
+        files = sorted(fs.glob(f"{path.rstrip('/')}/{pattern}"))
+        return pads.dataset(
+            files,
+            filesystem=fs,
+            format="parquet",
+            partitioning=RUN_PARTITIONING if partitioning == "runs" else partitioning,
+            partition_base_dir=path.rstrip("/"),
+            schema=schema,
+            exclude_invalid_files=False,
+        )
+    return pads.dataset(path, filesystem=fs, format="parquet", partitioning=partitioning, schema=schema)
 
 
 def part_uri(base: str, table: str, run_id: str, shard: int) -> str:

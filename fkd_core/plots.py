@@ -50,8 +50,12 @@ def loss_curve_figure(
         if raw_val_nme:
             ax2.plot(epochs, raw_val_nme, color="tab:olive", linestyle=":", label="validation NME (raw weights)")
         ax2.set_ylabel("NME")
-        ax2.legend(loc="upper center")
-    ax.legend(loc="upper right")
+        # one legend for both axes: two would overlap
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax2.legend(h1 + h2, l1 + l2, loc="upper right", fontsize="small")
+    else:
+        ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
+import math
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
@@ -15,9 +17,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fkd_core.annotate import AnnotateSettings, ShardCounts, run_shard
-from fkd_core.errors import RunConflict
-from fkd_core.image_io import DEFAULT_MAX_PIXELS, check_bucket, check_exists, join_uri, list_images
-from fkd_core.parquet_io import dataset, exists, part_uri, read_json, write_table
+from fkd_core.errors import RunConflict, UserError
+from fkd_core.image_io import DEFAULT_MAX_PIXELS, Listing, SourceFile, check_bucket, check_exists, join_uri
+from fkd_core.image_io import list_source as list_files
+from fkd_core.lease import Lease, default_holder
+from fkd_core.parquet_io import IMAGES_SCHEMA, dataset, exists, part_uri, read_json, write_table
 from fkd_core.predict import Predictor
 from fkd_core.runs import RunRecord, finished_counts
 from flows._common import IO_RETRY, chunks, flat_parameters, markdown_table
@@ -25,7 +29,14 @@ from flows.progress import ProgressBoard, progress_sink
 from flows.settings import SERVED_MODEL, served_model
 
 PLAN_SCHEMA = pa.schema(
-    [pa.field("shard", pa.int32(), nullable=False), pa.field("image_uri", pa.string(), nullable=False)]
+    [
+        pa.field("shard", pa.int32(), nullable=False),
+        pa.field("image_uri", pa.string(), nullable=False),
+        pa.field("source_version", pa.string()),  # as listed; written to the images table
+    ]
+)
+SKIPPED_SCHEMA = pa.schema(
+    [pa.field("uri", pa.string(), nullable=False), pa.field("reason", pa.string(), nullable=False)]
 )
 
 
@@ -51,6 +62,9 @@ class AnnotateConfig(BaseModel):
     progress: bool = Field(False, description="Draw a progress bar on stderr (the CLI sets it on a terminal)")
     heartbeat_seconds: float = Field(
         30.0, ge=0.1, le=3600, description="How often the run record's heartbeat is rewritten while the run lives"
+    )
+    lease_seconds: float = Field(
+        120.0, ge=1, le=3600, description="A dead run's locks in <out>/locks expire after this (renewed every third)"
     )
 
     _model = model_validator(mode="after")(served_model)
@@ -81,7 +95,27 @@ def preflight(cfg: AnnotateConfig):
     prefix in an existing bucket is a run with nothing to do, not an error.
     """
     check_locations.fn(cfg.source, cfg.out)
+    if cfg.dask_address:
+        check_scheduler(cfg.dask_address)
     return Predictor.from_checkpoint(cfg.model, refine=cfg.refine)
+
+
+def check_scheduler(address: str, timeout: float = 10.0) -> None:
+    """Refuse a Dask scheduler address where nothing answers (a typo, a stopped cluster), naming it, instead of
+    a 30 s wait and a traceback; ``tcp://`` addresses are checked, others are left to Dask."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme != "tcp" or not parts.hostname:
+        return
+    try:
+        socket.create_connection((parts.hostname, parts.port or 8786), timeout=timeout).close()
+    except OSError as e:
+        raise UserError(
+            f"Dask scheduler {address} does not answer ({e.strerror or type(e).__name__}); check --dask-address "
+            "or FKD_DASK_ADDRESS"
+        ) from None
 
 
 @task(**IO_RETRY)
@@ -93,33 +127,61 @@ def check_locations(source: str, out: str) -> None:
 
 
 @task(**IO_RETRY)
-def list_source(source: str) -> list[str]:
-    return list_images(source)
+def list_source(source: str) -> Listing:
+    return list_files(source)
 
 
 @task(**IO_RETRY)
-def already_annotated(out: str) -> set[str]:
-    """Every image URI present in any run's finished ``images`` parts."""
+def already_annotated(out: str) -> dict[str, list[tuple[str, str | None, int]]]:
+    """For every image URI in any run's finished ``images`` parts: (status, source version, bytes) of each row."""
     if not exists(join_uri(out, "images")):
-        return set()
-    tbl = dataset(join_uri(out, "images"), partitioning="runs").to_table(columns=["image_uri"])
-    return set(tbl.column("image_uri").to_pylist())
+        return {}
+    tbl = dataset(join_uri(out, "images"), schema=IMAGES_SCHEMA, partitioning="runs").to_table(
+        columns=["image_uri", "status", "source_version", "bytes"]
+    )
+    done: dict[str, list[tuple[str, str | None, int]]] = {}
+    for u, st, v, n in zip(*(tbl.column(c).to_pylist() for c in tbl.column_names), strict=True):
+        done.setdefault(u, []).append((st, v, n))
+    return done
 
 
-@task(**IO_RETRY)
-def save_plan(uri: str, shards: list[list[str]]) -> None:
-    ids = [i for i, s in enumerate(shards) for _ in s]
-    write_table(
-        pa.table({"shard": pa.array(ids, pa.int32()), "image_uri": [u for s in shards for u in s]}), uri, PLAN_SCHEMA
+def is_done(f: SourceFile, rows: list[tuple[str, str | None, int]]) -> bool:
+    """Whether an incremental run may skip a listed file: an earlier run annotated this very file (status ok or
+    no_face, same version; rows from before versions were recorded match on size). Errors are tried again."""
+    return any(
+        status != "error" and (version == f.version if version is not None else nbytes == f.size)
+        for status, version, nbytes in rows
     )
 
 
 @task(**IO_RETRY)
-def load_plan(uri: str) -> list[list[str]]:
+def save_plan(uri: str, shards: list[list[SourceFile]]) -> None:
+    ids = [i for i, s in enumerate(shards) for _ in s]
+    files = [f for s in shards for f in s]
+    write_table(
+        pa.table(
+            {
+                "shard": pa.array(ids, pa.int32()),
+                "image_uri": [f.uri for f in files],
+                "source_version": pa.array([f.version for f in files], pa.string()),
+            }
+        ),
+        uri,
+        PLAN_SCHEMA,
+    )
+
+
+@task(**IO_RETRY)
+def save_skipped(uri: str, skipped: list[tuple[str, str]]) -> None:
+    write_table(pa.table({"uri": [u for u, _ in skipped], "reason": [r for _, r in skipped]}), uri, SKIPPED_SCHEMA)
+
+
+@task(**IO_RETRY)
+def load_plan(uri: str) -> list[list[SourceFile]]:
     tbl = dataset(uri, schema=PLAN_SCHEMA).to_table()
-    shards: dict[int, list[str]] = {}
-    for s, u in zip(tbl.column("shard").to_pylist(), tbl.column("image_uri").to_pylist(), strict=True):
-        shards.setdefault(s, []).append(u)
+    shards: dict[int, list[SourceFile]] = {}
+    for s, u, v in zip(*(tbl.column(c).to_pylist() for c in ("shard", "image_uri", "source_version")), strict=True):
+        shards.setdefault(s, []).append(SourceFile(u, None, v))
     return [shards[i] for i in range(len(shards))]
 
 
@@ -144,11 +206,12 @@ def annotate_shard(
     max_pixels: int,
     refine: bool = True,
     progress_key: str | None = None,
+    versions: list[str | None] | None = None,
 ) -> ShardCounts:
     """Annotate one shard end to end and write its Parquet parts (idempotent: reruns overwrite the same parts)."""
     predictor = Predictor.from_checkpoint(model, refine=refine)
     settings = AnnotateSettings(max_pixels=max_pixels, threads=shard_threads())
-    return run_shard(uris, shard, out, run_id, predictor, settings, progress_sink(progress_key))
+    return run_shard(uris, shard, out, run_id, predictor, settings, progress_sink(progress_key), versions)
 
 
 @task(**IO_RETRY)
@@ -157,30 +220,51 @@ def run_counts(out: str, run_id: str) -> dict:
     return finished_counts(out, run_id)
 
 
-def _one_incremental_run_at_a_time(out: str):
-    """A Prefect global concurrency limit of 1 per output location, for incremental runs.
+@contextmanager
+def _leases(cfg: AnnotateConfig, run_id: str, log) -> Iterator[list[Lease]]:
+    """Hold, in ``<out>/locks/`` itself, the run's own lease and, for an incremental run, the output's.
 
-    Two incremental runs planning at the same moment would both claim the same new images; holding this slot
-    from listing to the last shard serialises them wherever they are launched from (a served schedule,
-    a worker, the CLI), as long as they share a Prefect server. (Served nightly runs also wait for the
-    deployment's own concurrency limit, in Prefect, before any process starts.)
+    They live with the data, not in a Prefect server, so they exclude runs launched from anywhere (two CLIs,
+    two machines, a served schedule and a manual run), and a holder that dies stops renewing its lease, which
+    then expires after ``lease_seconds``. A run id already running elsewhere is refused at once; an incremental
+    run waits for the one before it, saying what it waits for.
     """
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    locks = join_uri(cfg.out, "locks")
+    held: list[Lease] = []
+    try:
+        run = Lease(locks, f"run-{run_id}", default_holder(run_id=run_id), ttl=cfg.lease_seconds)
+        if not run.try_acquire():
+            h = run.last_holder or {}
+            raise RunConflict(
+                f"run {run_id} is already in progress under {cfg.out} ({_who(h)}); wait for it, or if its process "
+                f"died, rerun after its lease expires at {h.get('expires_at')}"
+            )
+        run.start_renewing()
+        held.append(run)
+        if cfg.incremental:
+            logged = [-math.inf]
 
-    name = "fkd-incremental-" + hashlib.sha256(out.rstrip("/").encode()).hexdigest()[:16]
-    with get_client(sync_client=True) as client:
-        # look first: creating one that exists makes the Prefect server log a long traceback on every run
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            except ObjectAlreadyExists:  # another run created it in between
-                pass
-    return concurrency(name, occupy=1, strict=True)
+            def waiting(record: dict, waited: float) -> None:
+                if waited - logged[0] >= 30 or waited == 0:
+                    logged[0] = waited
+                    log.info("waiting for the incremental lease on %s, held by %s until %s; waited %.0f s so far",
+                             cfg.out, _who(record), record.get("expires_at"), waited)  # fmt: skip
+
+            inc = Lease(locks, "incremental", default_holder(run_id=run_id), ttl=cfg.lease_seconds)
+            inc.acquire(poll=min(5.0, cfg.lease_seconds / 4), on_wait=waiting)
+            inc.start_renewing()
+            held.append(inc)
+        yield held
+    finally:
+        for lease in reversed(held):
+            if lease.lost is not None:
+                log.warning("lease %s was lost while the run held it: %s", lease.name, lease.lost)
+            lease.release()
+
+
+def _who(record: dict) -> str:
+    h = record.get("holder") or {}
+    return f"run {h.get('run_id')} on {h.get('host')}, pid {h.get('pid')}" if h else "an unreadable lease record"
 
 
 @flow(name="annotate")
@@ -192,18 +276,18 @@ def annotate(cfg: AnnotateConfig) -> dict:
     (running, completed, failed or interrupted). Rerunning a run id resumes it.
     """
     check_locations(cfg.source, cfg.out)
+    if cfg.dask_address:
+        check_scheduler(cfg.dask_address)
     # a missing or broken model fails here, before any write
     predictor = Predictor.from_checkpoint(cfg.model, refine=cfg.refine)
-    if cfg.incremental:
-        with _one_incremental_run_at_a_time(cfg.out):
-            return _annotate(cfg, predictor)
-    return _annotate(cfg, predictor)
-
-
-def _annotate(cfg: AnnotateConfig, predictor: Predictor) -> dict:
-    log = get_run_logger()
-    t0 = time.perf_counter()
     run_id = cfg.run_id or new_run_id()
+    log = get_run_logger()
+    with _leases(cfg, run_id, log):
+        return _annotate(cfg, predictor, run_id, log)
+
+
+def _annotate(cfg: AnnotateConfig, predictor: Predictor, run_id: str, log) -> dict:
+    t0 = time.perf_counter()
     run_uri = join_uri(cfg.out, "runs", f"{run_id}.json")
     plan_uri = join_uri(cfg.out, "runs", f"{run_id}.plan.parquet")
     model_id = predictor.model_id
@@ -211,10 +295,15 @@ def _annotate(cfg: AnnotateConfig, predictor: Predictor) -> dict:
     detector = predictor.detector.to_record()
     previous = read_json(run_uri)
     if previous is not None and exists(plan_uri):
-        for key, what, now in (("model_id", "model", model_id), ("detector", "detector settings", detector)):
+        # a run's identity never changes: resuming it with another source, model or detector is refused
+        for key, what, now in (
+            ("source", "source", cfg.source),
+            ("model_id", "model", model_id),
+            ("detector", "detector settings", detector),
+        ):
             if previous.get(key, now) != now:
                 raise RunConflict(
-                    f"run {run_id} was started with {what} {previous[key]}; resume it with that checkpoint "
+                    f"run {run_id} was started with {what} {previous[key]}; resume it with the same {what} "
                     f"or start a new run id (this one is {now})"
                 )
         # A rerun of a run id keeps its original plan, so shards mean the same images as before.
@@ -222,14 +311,19 @@ def _annotate(cfg: AnnotateConfig, predictor: Predictor) -> dict:
         doc = previous
         log.info("resuming run %s (%s before): %d shards planned", run_id, previous.get("status"), len(shards))
     else:
-        uris = list_source(cfg.source)
-        skipped = 0
+        listing = list_source(cfg.source)
+        files, skipped = listing.images, 0
         if cfg.incremental:
             done = already_annotated(cfg.out)
-            skipped = sum(u in done for u in uris)
-            uris = [u for u in uris if u not in done]
-            log.info("incremental: %d images already annotated, %d new", skipped, len(uris))
-        shards = list(chunks(uris, cfg.shard_size))
+            files = [f for f in listing.images if not is_done(f, done.get(f.uri, []))]
+            skipped = len(listing.images) - len(files)
+            log.info("incremental: %d images already annotated, %d new or changed", skipped, len(files))
+        if listing.skipped:
+            # every file under the source is accounted for: what is not annotated is listed with the reason
+            save_skipped(join_uri(cfg.out, "runs", f"{run_id}.skipped.parquet"), listing.skipped)
+            log.info("%d files under the source are not images (runs/%s.skipped.parquet says why)",
+                     len(listing.skipped), run_id)  # fmt: skip
+        shards = list(chunks(files, cfg.shard_size))
         save_plan(plan_uri, shards)
         doc = {
             "run_id": run_id,
@@ -237,6 +331,7 @@ def _annotate(cfg: AnnotateConfig, predictor: Predictor) -> dict:
             "model_id": model_id,
             "detector": detector,
             "skipped_existing": skipped,
+            "skipped_files": len(listing.skipped),
             "shards": len(shards),
             "images_planned": sum(map(len, shards)),
         }
@@ -295,7 +390,7 @@ def _describe(e: BaseException) -> str:
     return f"interrupted by {how}; rerun the run id to resume"
 
 
-def _run_shards(cfg: AnnotateConfig, run_id: str, shards: list[list[str]], log) -> tuple[ShardCounts, list[int]]:
+def _run_shards(cfg: AnnotateConfig, run_id: str, shards: list[list[SourceFile]], log) -> tuple[ShardCounts, list[int]]:
     """Run the shards not finished yet; the board shows images done as they come, shard logs show throughput."""
     pending = [i for i in range(len(shards)) if not exists(part_uri(cfg.out, "images", run_id, i))]
     total = sum(len(shards[i]) for i in pending)
@@ -313,7 +408,8 @@ def _run_shards(cfg: AnnotateConfig, run_id: str, shards: list[list[str]], log) 
                 runner.submit(
                     annotate_shard,
                     {
-                        "uris": shards[i],
+                        "uris": [f.uri for f in shards[i]],
+                        "versions": [f.version for f in shards[i]],
                         "shard": i,
                         "out": cfg.out,
                         "run_id": run_id,
@@ -354,8 +450,22 @@ def _load_model_on_workers(runner, cfg: AnnotateConfig, log) -> None:
     from flows.workers import ModelOnWorkers
 
     t0 = time.perf_counter()
-    runner.client.register_plugin(ModelOnWorkers(cfg.model, cfg.refine))
+    client = runner.client
+    client.register_plugin(ModelOnWorkers(cfg.model, cfg.refine))
     log.info("model loaded on the Dask workers in %.1f s", time.perf_counter() - t0)
+    # a worker without this flow's Prefect API starts a temporary server of its own (seconds per worker) and
+    # records the shards' task runs there, out of sight
+    from prefect.settings import PREFECT_API_URL
+
+    ours = PREFECT_API_URL.value()
+    theirs = client.run(lambda: __import__("os").environ.get("PREFECT_API_URL"))
+    apart = sorted(w for w, url in theirs.items() if url != ours)
+    if apart:
+        log.warning("%d Dask worker(s), e.g. %s, report to another Prefect API than this flow (%s), so the shards' "
+                    "task runs are recorded there (a worker without PREFECT_API_URL starts a temporary server of "
+                    "its own, seconds each); point the flow and the workers at one Prefect server with "
+                    "PREFECT_API_URL", len(apart), apart[0],
+                    ours or "which runs on a temporary server")  # fmt: skip
 
 
 def _task_runner(cfg: AnnotateConfig):

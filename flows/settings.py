@@ -21,7 +21,8 @@ from fkd_core.checkpoint import DEFAULT_MODEL
 class FkdSettings(BaseSettings):
     """Defaults for the CLI and for served deployments."""
 
-    model_config = SettingsConfigDict(env_prefix="FKD_", extra="forbid")
+    # an empty FKD_* variable means "not set" (compose passes `FKD_MODEL: ${FKD_MODEL:-}` through as "")
+    model_config = SettingsConfigDict(env_prefix="FKD_", extra="forbid", env_ignore_empty=True)
 
     model: str = Field(str(DEFAULT_MODEL), description="Checkpoint used by annotate and evaluate")
     shard_size: int = Field(500, ge=1, le=100_000, description="Images per annotate task")

@@ -303,7 +303,7 @@ def train(cfg: TrainConfig) -> dict:
     weights = save_new_checkpoint(packed, cfg.out_dir, force=cfg.force)
     png = loss_curve_png(*loss_curves(history, cfg.ema_decay))
     write_bytes(png, f"{cfg.out_dir.rstrip('/')}/{model_id}_loss.png")
-    log.info("saved %s (best epoch %d, val NME %.4f)", model_id, history.best_epoch, best.val_nme)
+    log.info("saved %s as %s (best epoch %d, val NME %.4f)", model_id, weights, history.best_epoch, best.val_nme)
     return {
         "model_id": model_id,
         "weights": weights,

@@ -124,7 +124,9 @@ def test_loss_plot_names_the_averaged_curves_and_counts_whole_epochs():
     fig = loss_curve_figure(
         [1, 2, 3], [0.3, 0.2, 0.1], [0.4, 0.3, 0.2], [0.5, 0.4, 0.3], averaged="EMA 0.998", raw_val_nme=[0.4] * 3
     )
-    labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    assert len(legends) == 1  # one legend: two on the twin axes covered each other
+    labels = [t.get_text() for t in legends[0].get_texts()]
     assert "validation MSE (EMA 0.998 weights)" in labels and "validation NME (EMA 0.998 weights)" in labels
     assert "train MSE (raw weights)" in labels and "validation NME (raw weights)" in labels
     fig.canvas.draw()

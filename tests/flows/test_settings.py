@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 
@@ -94,6 +95,30 @@ def test_evaluate_honours_fkd_model_and_a_missing_model_names_the_path_given(tmp
         assert out.returncode == 2, out.stderr
         assert out.stderr.strip() == f"fkd: model {missing} does not exist", command
     assert not (tmp_path / "e").exists() and not (tmp_path / "a").exists()
+
+
+def test_an_empty_variable_means_the_default_and_a_dead_scheduler_is_one_line(tmp_path, sample_dir, monkeypatch):
+    """compose passes unset FKD_* through as empty strings; they must not become settings."""
+    monkeypatch.setenv("FKD_MODEL", "")
+    monkeypatch.setenv("FKD_SHARD_SIZE", "")
+    from fkd_core.checkpoint import DEFAULT_MODEL
+
+    s = load_settings()
+    assert (s.model, s.shard_size) == (str(DEFAULT_MODEL), 500)
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    out = subprocess.run(
+        [str(BIN / "fkd"), "annotate", str(sample_dir / "photos"), str(tmp_path / "a"), "--dask-address", address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f"fkd: Dask scheduler {address} does not answer (Connection refused); check --dask-address or FKD_DASK_ADDRESS"
+    ]
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.parametrize("user_value,expected", [(None, ("1", "false")), ("0", ("0", "false"))])

@@ -1,0 +1,357 @@
+"""Hostile inputs and concurrency: nothing hangs, nothing is claimed twice, no lock outlives its run."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import multiprocessing
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from fkd_core.errors import RunConflict
+from fkd_core.lease import Lease, default_holder
+from fkd_core.parquet_io import output_tables
+from flows.annotate import annotate
+from tests.flows.conftest import BIN, SECRET
+
+pytestmark = pytest.mark.flows
+
+
+def _images(out) -> dict[str, dict]:
+    tbl = output_tables(str(out))["images"].to_table()
+    rows: dict[str, dict] = {}
+    for row in tbl.to_pylist():
+        assert row["image_uri"] not in rows or rows[row["image_uri"]]["run_id"] != row["run_id"], "duplicate row"
+        rows.setdefault(row["image_uri"], row)
+    return rows
+
+
+def _all_rows(out) -> list[dict]:
+    return output_tables(str(out))["images"].to_table().to_pylist()
+
+
+def _copy(sample_dir, dst: Path, n: int) -> list[str]:
+    dst.mkdir(parents=True, exist_ok=True)
+    names = sorted(os.listdir(sample_dir / "images"))[:n]
+    for name in names:
+        (dst / name).write_bytes((sample_dir / "images" / name).read_bytes())
+    return names
+
+
+@pytest.mark.timeout(120)
+def test_a_fifo_and_a_url_chain_in_a_name_are_one_files_error_and_that_file_only(tmp_path, sample_dir, model_path):
+    src = tmp_path / "in"
+    names = _copy(sample_dir, src, 3)
+    os.mkfifo(src / "x.jpg")  # opening it would block forever
+    # fsspec would read `a::b.jpg` as a URL chain and annotate the sibling file `a` instead
+    (src / "a").write_bytes(b"not the file you asked for")
+    (src / "a::b.jpg").write_bytes((sample_dir / "photos" / "obamas.jpg").read_bytes())
+    doc = annotate(source=str(src), out=str(tmp_path / "out"), model=model_path, run_id="r")
+    assert doc["status"] == "completed"
+    rows = _images(tmp_path / "out")
+    fifo = rows[str(src / "x.jpg")]
+    assert fifo["status"] == "error" and fifo["error"] == "not a regular file (a FIFO)"
+    chained = rows[str(src / "a::b.jpg")]
+    assert chained["status"] == "ok" and chained["n_faces"] == 2
+    assert chained["bytes"] == (src / "a::b.jpg").stat().st_size
+    assert all(rows[str(src / n)]["status"] == "ok" for n in names)
+
+
+@pytest.mark.s3
+@pytest.mark.timeout(120)
+def test_a_url_chain_in_a_key_on_a_bucket_is_just_a_name(tmp_path, s3fs_clean, sample_dir, model_path):
+    s3fs_clean.mkdir("fkd-hostile")
+    s3fs_clean.put_file(str(sample_dir / "photos" / "obamas.jpg"), "fkd-hostile/in/a::b.jpg")
+    s3fs_clean.pipe_file("fkd-hostile/in/a", b"sibling")
+    doc = annotate(source="s3://fkd-hostile/in", out=str(tmp_path / "out"), model=model_path, run_id="r")
+    assert doc["status"] == "completed"
+    rows = _images(tmp_path / "out")
+    assert rows["s3://fkd-hostile/in/a::b.jpg"]["status"] == "ok"
+    assert rows["s3://fkd-hostile/in/a::b.jpg"]["n_faces"] == 2
+
+
+def test_identical_bad_files_get_identical_reasons_without_addresses(tmp_path, model_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("one.jpg", "two.jpg", "three.png"):
+        (src / name).write_bytes(b"\x00" * 100)
+    annotate(source=str(src), out=str(tmp_path / "out"), model=model_path, run_id="r")
+    reasons = {r["error"] for r in _all_rows(tmp_path / "out")}
+    assert len(reasons) == 1 and "0x" not in reasons.pop()
+
+
+def test_every_file_is_annotated_or_skipped_with_its_reason(tmp_path, sample_dir, model_path):
+    src = tmp_path / "in"
+    _copy(sample_dir, src, 2)
+    jpeg = (sample_dir / "photos" / "obamas.jpg").read_bytes()
+    (src / "photo_without_extension").write_bytes(jpeg)
+    (src / "photo.jfif").write_bytes(jpeg)
+    gif = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).convert("RGB").save(gif, format="GIF")
+    (src / "frame.gif").write_bytes(gif.getvalue())
+    tiff = io.BytesIO()
+    page = Image.open(io.BytesIO(jpeg)).convert("L")
+    page.save(tiff, format="TIFF", save_all=True, append_images=[Image.new("L", page.size)])  # 2 pages
+    (src / "pages.tif").write_bytes(tiff.getvalue())
+    (src / "README.md").write_text("not an image")
+    linked = tmp_path / "elsewhere"
+    _copy(sample_dir, linked, 1)
+    (src / "linked").symlink_to(linked, target_is_directory=True)
+    doc = annotate(source=str(src), out=str(tmp_path / "out"), model=model_path, run_id="r")
+    rows = _images(tmp_path / "out")
+    for name in ("photo_without_extension", "photo.jfif", "frame.gif"):
+        assert rows[str(src / name)]["status"] == "ok", (name, rows[str(src / name)])
+    assert rows[str(src / "pages.tif")]["status"] == "ok"  # the first page, which has the faces
+    assert rows[str(src / "pages.tif")]["n_faces"] == 2
+    assert any(u.startswith(str(src / "linked") + "/") for u in rows)
+    skipped = pq.read_table(tmp_path / "out" / "runs" / "r.skipped.parquet").to_pylist()
+    assert skipped == [
+        {"uri": str(src / "README.md"), "reason": "not an image (no image extension, no image signature)"}
+    ]
+    assert doc["skipped_files"] == 1 and doc["images_planned"] == len(rows) == 7  # 2 + 4 + 1 through the link
+
+
+def test_incremental_retries_errors_and_redoes_replaced_files_only(tmp_path, sample_dir, model_path):
+    src = tmp_path / "in"
+    names = _copy(sample_dir, src, 3)
+    (src / "partial.jpg").write_bytes((sample_dir / "photos" / "obamas.jpg").read_bytes()[:500])  # an upload cut off
+    out = str(tmp_path / "out")
+    annotate(source=str(src), out=out, model=model_path, incremental=True, run_id="first")
+    assert _images(out)[str(src / "partial.jpg")]["status"] == "error"
+    (src / "partial.jpg").write_bytes((sample_dir / "photos" / "obamas.jpg").read_bytes())  # the upload finished
+    replaced = src / names[0]
+    replaced.write_bytes((sample_dir / "images" / names[1]).read_bytes())  # a new picture under the same name
+    second = annotate(source=str(src), out=out, model=model_path, incremental=True, run_id="second")
+    redone = {r["image_uri"] for r in _all_rows(out) if r["run_id"] == "second"}
+    assert redone == {str(src / "partial.jpg"), str(replaced)}
+    assert second["skipped_existing"] == 2
+    third = annotate(source=str(src), out=out, model=model_path, incremental=True, run_id="third")
+    assert third["images_planned"] == 0 and third["skipped_existing"] == 4
+
+
+def test_a_run_id_keeps_its_identity(tmp_path, sample_dir, model_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _copy(sample_dir, a, 2)
+    _copy(sample_dir, b, 2)
+    out = str(tmp_path / "out")
+    annotate(source=str(a), out=out, model=model_path, run_id="r")
+    before = (tmp_path / "out" / "runs" / "r.json").read_text()
+    with pytest.raises(RunConflict, match=f"run r was started with source {a}"):
+        annotate(source=str(b), out=out, model=model_path, run_id="r")
+    assert json.loads((tmp_path / "out" / "runs" / "r.json").read_text())["source"] == str(a)
+    assert (tmp_path / "out" / "runs" / "r.json").read_text() == before
+
+
+def test_a_foreign_file_in_the_output_breaks_neither_queries_nor_incremental_runs(tmp_path, sample_dir, model_path):
+    src = tmp_path / "in"
+    _copy(sample_dir, src, 2)
+    out = tmp_path / "out"
+    annotate(source=str(src), out=str(out), model=model_path, incremental=True, run_id="one")
+    (out / "images" / "README.md").write_text("# what is in here")
+    (out / "images" / "run_id=one" / "notes.txt").write_text("hand-written notes")
+    again = annotate(source=str(src), out=str(out), model=model_path, incremental=True, run_id="two")
+    assert again["images_planned"] == 0
+    q = subprocess.run(
+        [str(BIN / "fkd"), "query", str(out), "select count(*) n from images", "--format", "json"],
+        capture_output=True,
+        text=True,
+    )
+    assert q.returncode == 0 and json.loads(q.stdout)[0]["n"] == 2, q.stderr[-2000:]
+
+
+def _hold_and_die(locks: str, name: str, ttl: float, ready, host: str | None = None) -> None:
+    holder = default_holder(run_id="killed") | ({"host": host} if host else {})
+    lease = Lease(locks, name, holder, ttl=ttl)
+    assert lease.try_acquire()
+    ready.set()
+    time.sleep(3600)  # until SIGKILLed: the lease is never released
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_incremental_runs_lock_expires_and_the_next_run_says_what_it_waits_for(
+    tmp_path, sample_dir, model_path, caplog
+):
+    src = tmp_path / "in"
+    _copy(sample_dir, src, 2)
+    out = tmp_path / "out"
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    # the killed holder ran on another machine: its death cannot be seen from here, so its lease must expire
+    holder = ctx.Process(target=_hold_and_die, args=(str(out / "locks"), "incremental", 10.0, ready, "other-host"))
+    holder.start()
+    assert ready.wait(60)
+    holder.kill()  # an OOM kill: nothing is released
+    holder.join()
+    t0 = time.monotonic()
+    run_logs = logging.getLogger("prefect.flow_runs")  # where a flow's run logger writes; it does not propagate
+    run_logs.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="prefect.flow_runs"):  # the tests run Prefect at WARNING
+            doc = annotate(source=str(src), out=str(out), model=model_path, incremental=True, lease_seconds=4)
+    finally:
+        run_logs.removeHandler(caplog.handler)
+    assert doc["status"] == "completed" and doc["counts"]["images"] == 2
+    assert time.monotonic() - t0 < 60
+    waits = [r.getMessage() for r in caplog.records if "waiting for the incremental lease" in r.getMessage()]
+    assert waits and "run killed on other-host" in waits[0] and "until" in waits[0]
+    # and the run left no live lock behind: the next one starts at once
+    t1 = time.monotonic()
+    annotate(source=str(src), out=str(out), model=model_path, incremental=True, lease_seconds=4)
+    assert time.monotonic() - t1 < 30
+
+
+def test_a_lock_whose_holder_died_on_this_machine_is_taken_over_at_once(tmp_path, sample_dir, model_path):
+    """A run SIGKILLed here is resumed at once under its id: its lease names a process that no longer exists."""
+    src = tmp_path / "in"
+    _copy(sample_dir, src, 2)
+    out = tmp_path / "out"
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_and_die, args=(str(out / "locks"), "run-r", 600.0, ready))
+    holder.start()
+    assert ready.wait(60)
+    holder.kill()
+    holder.join()
+    t0 = time.monotonic()
+    assert annotate(source=str(src), out=str(out), model=model_path, run_id="r")["status"] == "completed"
+    assert time.monotonic() - t0 < 60  # not the 600 s of its lease
+
+
+def _hold(locks: str, name: str, ready, done) -> None:
+    lease = Lease(locks, name, default_holder(run_id="r"), ttl=60)
+    assert lease.try_acquire()
+    lease.start_renewing()
+    ready.set()
+    done.wait(120)
+    lease.release()
+
+
+def test_a_run_id_already_in_progress_elsewhere_is_refused(tmp_path, sample_dir, model_path):
+    src = tmp_path / "in"
+    _copy(sample_dir, src, 2)
+    out = tmp_path / "out"
+    ctx = multiprocessing.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    other = ctx.Process(target=_hold, args=(str(out / "locks"), "run-r", ready, done))
+    other.start()
+    try:
+        assert ready.wait(60)
+        with pytest.raises(RunConflict, match="run r is already in progress"):
+            annotate(source=str(src), out=str(out), model=model_path, run_id="r")
+        assert not (out / "runs" / "r.json").exists()  # it planned nothing
+    finally:
+        done.set()
+        other.join(60)
+    assert annotate(source=str(src), out=str(out), model=model_path, run_id="r")["status"] == "completed"
+
+
+@pytest.mark.timeout(300)
+def test_two_incremental_runs_from_two_clis_without_a_shared_server_annotate_each_image_once(
+    tmp_path, sample_dir, model_path
+):
+    src = tmp_path / "in"
+    names = _copy(sample_dir, src, 40)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # each CLI starts its own server
+    cmd = [
+        str(BIN / "fkd"),
+        "annotate",
+        str(src),
+        str(out),
+        "--incremental",
+        "--shard-size",
+        "10",
+        "--model",
+        model_path,
+    ]
+    procs = []
+    for i in range(2):
+        home = tmp_path / f"home{i}"
+        home.mkdir()
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env | {"PREFECT_HOME": str(home)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    results = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in results]
+    rows = _all_rows(out)
+    assert sorted(r["image_uri"] for r in rows) == sorted(str(src / n) for n in names)  # each once, none missing
+
+
+@pytest.mark.s3
+def test_refused_credentials_name_the_location_and_the_variables_never_the_secret(tmp_path, s3_server, model_path):
+    import boto3
+
+    from tests.conftest import free_port
+    from tests.flows.conftest import stop, wait_http
+
+    port = free_port()
+    # a second moto server that checks credentials (the first action, making the bucket, is let through)
+    strict = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        env=os.environ | {"INITIAL_NO_AUTH_ACTION_COUNT": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        wait_http(f"{endpoint}/moto-api/")
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="guarded")
+        env = os.environ | {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG1",
+            "AWS_SECRET_ACCESS_KEY": SECRET,
+        }
+        env.pop("PREFECT_API_URL", None)
+        run = subprocess.run(
+            [str(BIN / "fkd"), "annotate", "s3://guarded/in", str(tmp_path / "out"), "--model", model_path],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        stop(strict)
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "access denied to s3://guarded/in" in lines[0]
+    assert "AWS_ACCESS_KEY_ID" in lines[0] and "AWS_ENDPOINT_URL" in lines[0]
+    assert SECRET not in run.stderr + run.stdout
+
+
+def test_a_decode_budget_bounds_the_bytes_in_flight_across_threads():
+    import threading
+
+    from fkd_core.image_io import DecodeBudget, decode_gray, decoded_bytes
+
+    frame = np.zeros((600, 500, 4), np.uint16)
+    frame[100:300, 100:300] = 65535
+    buf = io.BytesIO()
+    import cv2
+
+    ok, png = cv2.imencode(".png", frame)
+    assert ok
+    buf.write(png.tobytes())
+    data = buf.getvalue()
+    per_image = decoded_bytes(Image.open(io.BytesIO(data)))
+    budget = DecodeBudget(2 * per_image)  # room for two decodes at once, never three
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(decode_gray(data, budget=budget))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 6 and budget.used == 0
+    assert budget.peak <= 2 * per_image and budget.peak >= per_image
+    gray = results[0].gray
+    assert gray.dtype == np.uint8 and gray[200, 200] == 255 and gray[0, 0] == 0
