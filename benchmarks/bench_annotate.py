@@ -4,6 +4,7 @@
     python benchmarks/bench_annotate.py memory   [--n 20000]
     python benchmarks/bench_annotate.py batching [--n 1000] [--shard-size 500]
     python benchmarks/bench_annotate.py dask     [--n 1000] [--shard-size 250]
+    python benchmarks/bench_annotate.py memory16 [--n 4] [--code-root ../other-checkout]
 
 `ratio` times, in one process and one run, a bare loop of read + decode + Haar (the floor of this design:
 every image must be decoded and searched for faces) and the full annotate flow on the same images; it reports
@@ -140,6 +141,20 @@ def batching(args) -> dict:
     }
 
 
+def _wait_http(url: str, timeout: float = 120.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def _free_port() -> int:
     import socket
 
@@ -149,34 +164,44 @@ def _free_port() -> int:
 
 
 def dask_cluster_vs_local(args) -> dict:
-    import shutil
     import signal
 
     from distributed import Client
 
     from fkd_core.image_io import list_images
-    from flows.annotate import annotate
 
     shard = args.shard_size[0] if args.shard_size != [500] else 250
-    dask = str(Path(sys.executable).with_name("dask"))
-    procs = []
+    bindir = Path(sys.executable).parent
+    procs: list[subprocess.Popen] = []
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = make_corpus(Path(args.images), args.n, Path(tmp) / "in")
-        n = len(list_images(str(corpus)))
-        # warm this process and the page cache the same way for both runners
-        annotate(source=str(next(corpus.iterdir())), out=f"{tmp}/warm", model=args.model)
-        t0 = time.perf_counter()
-        local = annotate(source=str(corpus), out=f"{tmp}/local", shard_size=shard, model=args.model, run_id="l")
-        local_s = time.perf_counter() - t0
-        port = _free_port()
-        address = f"tcp://127.0.0.1:{port}"
-        logs = [Path(tmp) / f"w{i}.log" for i in range(2)]
         try:
-            cmd = [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            # one Prefect server for the flow and the workers, as in production (a worker without
+            # PREFECT_API_URL would start a temporary server of its own)
+            api_port = _free_port()
+            env = os.environ | {"PREFECT_HOME": f"{tmp}/prefect", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+            cmd = [str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(api_port)]
+            procs.append(subprocess.Popen(cmd, env=env, **quiet))
+            os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{api_port}/api"
+            _wait_http(f"http://127.0.0.1:{api_port}/api/health")
+            from flows.annotate import annotate  # Prefect reads PREFECT_API_URL when it is first imported
+
+            corpus = make_corpus(Path(args.images), args.n, Path(tmp) / "in")
+            n = len(list_images(str(corpus)))
+            # warm this process and the page cache the same way for both runners
+            annotate(source=str(next(corpus.iterdir())), out=f"{tmp}/warm", model=args.model)
+            t0 = time.perf_counter()
+            local = annotate(source=str(corpus), out=f"{tmp}/local", shard_size=shard, model=args.model, run_id="l")
+            local_s = time.perf_counter() - t0
+            port = _free_port()
+            address = f"tcp://127.0.0.1:{port}"
+            logs = [Path(tmp) / f"w{i}.log" for i in range(2)]
+            procs.append(subprocess.Popen([str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
+                                           str(port), "--no-dashboard"], **quiet))  # fmt: skip
             for log in logs:
-                cmd = [dask, "worker", address, "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"]
-                procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w")))  # noqa: SIM115
+                cmd = [str(bindir / "dask"), "worker", address, "--nthreads", "1", "--host", "127.0.0.1"]
+                procs.append(subprocess.Popen([*cmd, "--no-dashboard"], stdout=subprocess.DEVNULL,
+                                              stderr=open(log, "w")))  # noqa: SIM115  # fmt: skip
             with Client(address, timeout=60) as c:
                 c.wait_for_workers(2, timeout=120)
             runs = {}
@@ -186,12 +211,13 @@ def dask_cluster_vs_local(args) -> dict:
                                run_id=name, dask_address=address)  # fmt: skip
                 runs[name] = (time.perf_counter() - t0, doc)
             unresponsive = sum(log.read_text().count("Event loop was unresponsive") for log in logs)
+            temporary = sum(log.read_text().count("Starting temporary server") for log in logs)
         finally:
+            os.environ.pop("PREFECT_API_URL", None)
             for p in reversed(procs):
                 p.send_signal(signal.SIGTERM)
             for p in procs:
                 p.wait(timeout=60)
-        shutil.rmtree(f"{tmp}/in", ignore_errors=True)
     rate = {"local": n / local_s} | {k: n / v[0] for k, v in runs.items()}
     return {
         "images": n,
@@ -203,7 +229,51 @@ def dask_cluster_vs_local(args) -> dict:
         "dask_warm_over_local": round(rate["warm"] / rate["local"], 3),
         "dask_cold_over_warm": round(rate["cold"] / rate["warm"], 3),
         "worker_event_loop_unresponsive_warnings": unresponsive,
+        "workers_that_started_a_temporary_prefect_server": temporary,
     }
+
+
+def deep_png_corpus(dst: Path, n: int = 4, side: int = 7000) -> Path:
+    """``n`` 16-bit RGBA PNGs of ``side`` x ``side`` (49 MP, under the 50 MP cap): a few hundred KB each on disk,
+    392 MB each once decoded at full depth. A face is pasted in so the model runs too."""
+    dst.mkdir(parents=True, exist_ok=True)
+    face = cv2.imread(str(ROOT / "data" / "sample" / "photos" / "obamas.jpg"))
+    frame = np.full((side, side, 4), 30000, np.uint16)
+    h, w = face.shape[:2]
+    frame[:h, :w, :3] = face.astype(np.uint16) * 257
+    frame[:, :, 3] = 65535
+    ok, png = cv2.imencode(".png", frame)
+    assert ok
+    for i in range(n):
+        (dst / f"deep_{i}.png").write_bytes(png.tobytes())
+    return dst
+
+
+def memory16(args) -> dict:
+    """Peak RSS of annotating four 16-bit RGBA 7000 x 7000 PNGs: this checkout, and (with --code-root) another."""
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = deep_png_corpus(Path(tmp) / "in", args.n)
+        file_kb = round(sum(p.stat().st_size for p in corpus.iterdir()) / len(list(corpus.iterdir())) / 1024, 1)
+        roots = {"this checkout": ROOT} | ({"other checkout": Path(args.code_root)} if args.code_root else {})
+        out = {"images": args.n, "png_kb_each": file_kb, "cpu_cores": os.cpu_count()}
+        for name, root in roots.items():
+            code = (
+                "import json, resource, time\n"
+                "from flows.annotate import annotate\n"
+                "t0 = time.perf_counter()\n"
+                f"doc = annotate(source={str(corpus)!r}, out={tmp + '/out-' + name.split()[0]!r}, "
+                f"model={str(root / 'saved_models' / 'naimishnet.safetensors')!r})\n"
+                "print(json.dumps({'counts': doc['counts'], 'seconds': time.perf_counter() - t0, "
+                "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+            )
+            env = os.environ | {"PYTHONPATH": str(root)}
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)
+            if proc.returncode:
+                raise SystemExit(proc.stderr[-3000:])
+            doc = json.loads(proc.stdout.strip().splitlines()[-1])
+            out[name] = {"peak_rss_mb": round(doc["peak_rss_mb"], 1), "seconds": round(doc["seconds"], 1),
+                         "counts": doc["counts"]}  # fmt: skip
+    return out
 
 
 def memory(args) -> dict:
@@ -235,16 +305,18 @@ def main() -> None:
     from fkd_core.checkpoint import DEFAULT_MODEL
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["ratio", "memory", "batching", "dask"])
+    ap.add_argument("mode", choices=["ratio", "memory", "memory16", "batching", "dask"])
+    ap.add_argument("--code-root", default=None, help="memory16: also measure this other checkout of fkd")
     ap.add_argument("--n", type=int, default=None)
     ap.add_argument("--shard-size", type=int, nargs="+", default=[500])
     ap.add_argument("--images", default=str(DEFAULT_IMAGES))
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--compare-model", default=None, help="also time the flow with this checkpoint")
     args = ap.parse_args()
-    args.n = args.n or {"ratio": 2400, "memory": 20000, "batching": 1000, "dask": 1000}[args.mode]
+    args.n = args.n or {"ratio": 2400, "memory": 20000, "memory16": 4, "batching": 1000, "dask": 1000}[args.mode]
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    modes = {"ratio": ratio, "memory": memory, "batching": batching, "dask": dask_cluster_vs_local}
+    modes = {"ratio": ratio, "memory": memory, "memory16": memory16, "batching": batching}
+    modes["dask"] = dask_cluster_vs_local
     print(json.dumps(modes[args.mode](args), indent=2))
 
 
