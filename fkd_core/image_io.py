@@ -38,11 +38,10 @@ _MAGIC = (
     (b"GIF89a", "GIF"),
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
-    (b"BM", "BMP"),
     (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
     (b"\xffO\xffQ", "JPEG 2000"),
 )
-SNIFF_BYTES = 16
+SNIFF_BYTES = 32
 # A file that takes longer than this to read from a store is recorded as an error, not waited for.
 DEFAULT_READ_SECONDS = 120.0
 # 50 megapixels: well above any camera photo we expect, far below what would exhaust a worker's memory.
@@ -94,7 +93,12 @@ def check_bucket(uri: str, what: str = "bucket") -> None:
         raise missing
     try:
         if hasattr(fs, "call_s3"):  # S3: ask the bucket itself, so refused credentials are not taken for "missing"
-            fs.call_s3("head_bucket", Bucket=bucket)
+            try:
+                fs.call_s3("head_bucket", Bucket=bucket)
+            except PermissionError:
+                # HeadBucket needs the whole bucket; a policy that grants only this prefix may still list it
+                prefix = path.split("/", 1)[1] if "/" in path else ""
+                fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
         elif not fs.exists(bucket):
             raise missing
     except PermissionError as e:
@@ -145,12 +149,17 @@ def split_uri(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     Unlike fsspec's URL parsing, nothing in the name is syntax: ``a::b.jpg`` is a file name, not a URL chain
     (which would read the file ``a``).
     """
+    if _CHAIN.search(uri):
+        return url_to_fs(uri)  # a chained root the user gave (simplecache::s3://...), never a listed name
     if "://" not in uri:
         return fsspec.filesystem("file"), uri
     protocol, path = uri.split("://", 1)
     if protocol in ("file", "local"):
         return fsspec.filesystem("file"), path
     return fsspec.filesystem(protocol), path
+
+
+_CHAIN = re.compile(r"::[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def sniff_image(head: bytes) -> str | None:
@@ -160,7 +169,14 @@ def sniff_image(head: bytes) -> str | None:
             return name
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WebP"
-    if len(head) >= 3 and head[:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace():
+    # BMP: "BM", then a DIB header whose size is one of the known ones (two letters alone match text files)
+    if (
+        head[:2] == b"BM"
+        and len(head) >= 18
+        and int.from_bytes(head[14:18], "little") in (12, 40, 52, 56, 64, 108, 124)
+    ):
+        return "BMP"
+    if re.match(rb"P[1-6]\s+(#[^\n]*\n\s*)*\d+\s+\d+", head):
         return "PNM"
     return None
 
@@ -173,11 +189,16 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _walk_local(root: str) -> Iterator[tuple[str, os.stat_result | None]]:
+def _walk_local(root: str, errors: list[tuple[str, str]]) -> Iterator[tuple[str, os.stat_result | None]]:
     """Every entry under ``root`` that is not a directory, following symlinked directories (each real directory
-    once, so a link loop ends); with its ``stat`` (None for a broken link). Never opens a file."""
+    once, so a link loop ends); with its ``stat`` (None for a broken link). Never opens a file. A directory that
+    cannot be read is added to ``errors`` with the reason."""
     seen: set[str] = set()
-    for d, dirs, files in os.walk(root, followlinks=True):
+
+    def unreadable(e: OSError) -> None:
+        errors.append((e.filename or root, f"unreadable directory: {e.strerror or type(e).__name__}"))
+
+    for d, dirs, files in os.walk(root, followlinks=True, onerror=unreadable):
         real = os.path.realpath(d)
         if real in seen:
             dirs[:] = []
@@ -214,7 +235,12 @@ def list_source(uri: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Lis
             return Listing([SourceFile(path, st.st_size, f"{st.st_size}-{st.st_mtime_ns}")], [])
         if not os.path.isdir(path):
             check_exists(uri, "source", directory=True)  # a missing path: refused, naming it
-        for p, st in _walk_local(path):
+        for p, st in _walk_local(path, skipped):
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError:  # bytes that are no UTF-8 cannot be a URI in the tables: say so instead
+                skipped.append((p.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "name is not UTF-8"))
+                continue
             named = p.lower().endswith(exts)
             if st is None:
                 (images.append(SourceFile(p)) if named else skipped.append((p, "broken link")))
@@ -277,7 +303,7 @@ def list_images(uri: str) -> list[str]:
 
 def stable_reason(reason: str) -> str:
     """A reason that is the same for the same problem: no object addresses (``<_io.BytesIO object at 0x7f…>``)."""
-    return re.sub(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", r"<\1>", reason)
+    return re.sub(r"\s+at 0x[0-9a-fA-F]+", "", reason)
 
 
 def read_bytes(uri: str, max_bytes: int = DEFAULT_MAX_BYTES, max_seconds: float = DEFAULT_READ_SECONDS) -> bytes:
@@ -287,12 +313,15 @@ def read_bytes(uri: str, max_bytes: int = DEFAULT_MAX_BYTES, max_seconds: float 
     try:
         fs, path = split_uri(uri)
         if is_local(fs):
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode):
-                raise ImageError(f"not a regular file ({_kind(st.st_mode)})")
-            if st.st_size > max_bytes:
-                raise ImageError(f"file larger than {max_bytes} bytes")
-            with open(path, "rb") as f:
+            # non-blocking open, then check what was opened: a FIFO swapped in after the listing cannot block
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise ImageError(f"not a regular file ({_kind(st.st_mode)})")
+                if st.st_size > max_bytes:
+                    raise ImageError(f"file larger than {max_bytes} bytes")
+                os.set_blocking(fd, True)
                 data = f.read(max_bytes + 1)
         else:
             data = _read_store(fs, path, max_bytes, max_seconds)
@@ -308,7 +337,16 @@ def read_bytes(uri: str, max_bytes: int = DEFAULT_MAX_BYTES, max_seconds: float 
 
 
 def _read_store(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int, max_seconds: float) -> bytes:
-    """Read in 1 MB blocks against a deadline, so a store that trickles or stalls cannot hold a shard."""
+    """Read at most ``max_bytes + 1`` bytes within ``max_seconds``, so a store that trickles or stalls cannot hold
+    a shard: on an asynchronous filesystem (s3fs) the whole request is cancelled at the deadline; on others the
+    deadline is checked between 1 MB blocks."""
+    if getattr(fs, "async_impl", False) and hasattr(fs, "_cat_file"):
+        import fsspec.asyn
+
+        try:
+            return fsspec.asyn.sync(fs.loop, fs._cat_file, path, start=0, end=max_bytes + 1, timeout=max_seconds)
+        except fsspec.asyn.FSTimeoutError:
+            raise ImageError(f"read took longer than {max_seconds:g} s") from None
     deadline = time.monotonic() + max_seconds
     chunks: list[bytes] = []
     size = 0
@@ -418,9 +456,17 @@ def _full_depth(header: Image.Image) -> bool:
 def decoded_bytes(header: Image.Image) -> int:
     """An upper bound on what decoding this image to grey takes (bytes). A JPEG is decoded as 8-bit colour and
     turned grey (3 + 1 bytes a pixel); a float image at full depth (up to 4 float channels, a float grey copy and
-    the 8-bit result); anything else straight to 8-bit grey (1 byte a pixel, plus the codec's slack)."""
+    the 8-bit result); PNG, BMP and PNM straight to 8-bit grey (1 byte a pixel, plus the codec's slack); other
+    formats are assumed to build a full-depth colour frame inside their codec (up to 16 bytes a pixel)."""
     width, height = header.size
-    per_pixel = 4 if header.format == "JPEG" else 21 if header.mode == "F" else 2
+    if header.format == "JPEG":
+        per_pixel = 4
+    elif header.mode == "F":
+        per_pixel = 21
+    elif header.format in ("PNG", "BMP", "PPM"):  # decoded row by row into the grey result
+        per_pixel = 2
+    else:  # TIFF, WebP, GIF, JPEG 2000...: codecs that may build a full-depth colour frame first
+        per_pixel = 16
     return width * height * per_pixel
 
 

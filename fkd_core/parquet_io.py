@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Sequence
 
@@ -156,8 +157,11 @@ def dataset(uri: str, schema: pa.Schema | None = None, partitioning=None) -> pad
     fs, path = url_to_fs(uri)
     if partitioning == "runs" or fs.isdir(path):
         # only fkd's own part files: a README.md or a stray file dropped into the directory is never read
-        pattern = "run_id=*/part-*.parquet" if partitioning == "runs" else "part-*.parquet"
-        files = sorted(fs.glob(f"{path.rstrip('/')}/{pattern}"))
+        # one flat, fresh listing (no glob: a "[" in the path would match nothing, and s3fs globs level by level
+        # from its listing cache), filtered by name
+        base = path.rstrip("/")
+        pattern = _RUN_PART if partitioning == "runs" else _PART
+        files = sorted(f for f in fs.find(base) if pattern.fullmatch(f[len(base) + 1 :]))
         return pads.dataset(
             files,
             filesystem=fs,
@@ -168,6 +172,10 @@ def dataset(uri: str, schema: pa.Schema | None = None, partitioning=None) -> pad
             exclude_invalid_files=False,
         )
     return pads.dataset(path, filesystem=fs, format="parquet", partitioning=partitioning, schema=schema)
+
+
+_PART = re.compile(r"part-\d+\.parquet")
+_RUN_PART = re.compile(r"run_id=[^/]+/part-\d+\.parquet")
 
 
 def part_uri(base: str, table: str, run_id: str, shard: int) -> str:

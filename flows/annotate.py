@@ -20,7 +20,7 @@ from fkd_core.annotate import AnnotateSettings, ShardCounts, run_shard
 from fkd_core.errors import RunConflict, UserError
 from fkd_core.image_io import DEFAULT_MAX_PIXELS, Listing, SourceFile, check_bucket, check_exists, join_uri
 from fkd_core.image_io import list_source as list_files
-from fkd_core.lease import Lease, default_holder
+from fkd_core.lease import Lease, LeaseUnsupported, default_holder
 from fkd_core.parquet_io import IMAGES_SCHEMA, dataset, exists, part_uri, read_json, write_table
 from fkd_core.predict import Predictor
 from fkd_core.runs import RunRecord, finished_counts
@@ -132,26 +132,26 @@ def list_source(source: str) -> Listing:
 
 
 @task(**IO_RETRY)
-def already_annotated(out: str) -> dict[str, list[tuple[str, str | None, int]]]:
-    """For every image URI in any run's finished ``images`` parts: (status, source version, bytes) of each row."""
-    if not exists(join_uri(out, "images")):
-        return {}
+def already_annotated(out: str, uris: list[str]) -> set[tuple[str, str | None, int | None]]:
+    """What earlier runs under ``out`` annotated of ``uris``: a set of (URI, source version, bytes) of finished
+    rows with a status other than ``error`` (the version is None in rows written before versions existed)."""
+    import pyarrow.compute as pc
+
+    if not uris or not exists(join_uri(out, "images")):
+        return set()
     tbl = dataset(join_uri(out, "images"), schema=IMAGES_SCHEMA, partitioning="runs").to_table(
-        columns=["image_uri", "status", "source_version", "bytes"]
+        columns=["image_uri", "status", "source_version", "bytes"],
+        filter=pc.field("status") != "error",
     )
-    done: dict[str, list[tuple[str, str | None, int]]] = {}
-    for u, st, v, n in zip(*(tbl.column(c).to_pylist() for c in tbl.column_names), strict=True):
-        done.setdefault(u, []).append((st, v, n))
-    return done
+    tbl = tbl.filter(pc.is_in(tbl.column("image_uri"), value_set=pa.array(uris, pa.string())))
+    cols = (tbl.column(c).to_pylist() for c in ("image_uri", "source_version", "bytes"))
+    return set(zip(*cols, strict=True))
 
 
-def is_done(f: SourceFile, rows: list[tuple[str, str | None, int]]) -> bool:
+def is_done(f: SourceFile, done: set[tuple[str, str | None, int | None]]) -> bool:
     """Whether an incremental run may skip a listed file: an earlier run annotated this very file (status ok or
     no_face, same version; rows from before versions were recorded match on size). Errors are tried again."""
-    return any(
-        status != "error" and (version == f.version if version is not None else nbytes == f.size)
-        for status, version, nbytes in rows
-    )
+    return (f.uri, f.version, f.size) in done or (f.version is not None and (f.uri, None, f.size) in done)
 
 
 @task(**IO_RETRY)
@@ -232,15 +232,24 @@ def _leases(cfg: AnnotateConfig, run_id: str, log) -> Iterator[list[Lease]]:
     locks = join_uri(cfg.out, "locks")
     held: list[Lease] = []
     try:
-        run = Lease(locks, f"run-{run_id}", default_holder(run_id=run_id), ttl=cfg.lease_seconds)
-        if not run.try_acquire():
+        try:
+            run = Lease(locks, f"run-{run_id}", default_holder(run_id=run_id), ttl=cfg.lease_seconds)
+            free = run.try_acquire()
+        except LeaseUnsupported as e:
+            if cfg.incremental:  # two incremental runs there could claim the same images: refuse, naming why
+                raise UserError(f"--incremental needs an output where runs can exclude each other: {e}") from None
+            # a store without atomic create (not local, not S3) can still be annotated, only without exclusion
+            log.warning("runs on %s cannot exclude each other (%s): do not start two on it at once", cfg.out, e)
+            yield held
+            return
+        if not free:
             h = run.last_holder or {}
             raise RunConflict(
                 f"run {run_id} is already in progress under {cfg.out} ({_who(h)}); wait for it, or if its process "
                 f"died, rerun after its lease expires at {h.get('expires_at')}"
             )
+        held.append(run)  # before anything else can fail, so the finally releases it
         run.start_renewing()
-        held.append(run)
         if cfg.incremental:
             logged = [-math.inf]
 
@@ -252,14 +261,26 @@ def _leases(cfg: AnnotateConfig, run_id: str, log) -> Iterator[list[Lease]]:
 
             inc = Lease(locks, "incremental", default_holder(run_id=run_id), ttl=cfg.lease_seconds)
             inc.acquire(poll=min(5.0, cfg.lease_seconds / 4), on_wait=waiting)
-            inc.start_renewing()
             held.append(inc)
+            inc.start_renewing()
         yield held
     finally:
         for lease in reversed(held):
             if lease.lost is not None:
                 log.warning("lease %s was lost while the run held it: %s", lease.name, lease.lost)
             lease.release()
+
+
+def same_spelling(recorded: str | None, given: str) -> str:
+    """``given`` as the run record spells it if both name the same place (``./in`` and ``in``, a trailing ``/``),
+    so only a different source counts as one."""
+    import os
+
+    def norm(u: str) -> str:
+        u = u.rstrip("/") or u
+        return u if "://" in u else os.path.abspath(u)
+
+    return recorded if recorded is not None and norm(recorded) == norm(given) else given
 
 
 def _who(record: dict) -> str:
@@ -282,11 +303,18 @@ def annotate(cfg: AnnotateConfig) -> dict:
     predictor = Predictor.from_checkpoint(cfg.model, refine=cfg.refine)
     run_id = cfg.run_id or new_run_id()
     log = get_run_logger()
-    with _leases(cfg, run_id, log):
-        return _annotate(cfg, predictor, run_id, log)
+    with _leases(cfg, run_id, log) as leases:
+        return _annotate(cfg, predictor, run_id, log, leases)
 
 
-def _annotate(cfg: AnnotateConfig, predictor: Predictor, run_id: str, log) -> dict:
+def _check_leases(leases: list[Lease]) -> None:
+    """Stop (LeaseLost) if this run no longer holds its leases: paused or cut off from the store for longer than
+    their lifetime, another run may have taken them over, and going on would claim its images."""
+    for lease in leases:
+        lease.check()
+
+
+def _annotate(cfg: AnnotateConfig, predictor: Predictor, run_id: str, log, leases: list[Lease]) -> dict:
     t0 = time.perf_counter()
     run_uri = join_uri(cfg.out, "runs", f"{run_id}.json")
     plan_uri = join_uri(cfg.out, "runs", f"{run_id}.plan.parquet")
@@ -297,7 +325,7 @@ def _annotate(cfg: AnnotateConfig, predictor: Predictor, run_id: str, log) -> di
     if previous is not None and exists(plan_uri):
         # a run's identity never changes: resuming it with another source, model or detector is refused
         for key, what, now in (
-            ("source", "source", cfg.source),
+            ("source", "source", same_spelling(previous.get("source"), cfg.source)),
             ("model_id", "model", model_id),
             ("detector", "detector settings", detector),
         ):
@@ -314,8 +342,8 @@ def _annotate(cfg: AnnotateConfig, predictor: Predictor, run_id: str, log) -> di
         listing = list_source(cfg.source)
         files, skipped = listing.images, 0
         if cfg.incremental:
-            done = already_annotated(cfg.out)
-            files = [f for f in listing.images if not is_done(f, done.get(f.uri, []))]
+            done = already_annotated(cfg.out, [f.uri for f in listing.images])
+            files = [f for f in listing.images if not is_done(f, done)]
             skipped = len(listing.images) - len(files)
             log.info("incremental: %d images already annotated, %d new or changed", skipped, len(files))
         if listing.skipped:
@@ -324,6 +352,7 @@ def _annotate(cfg: AnnotateConfig, predictor: Predictor, run_id: str, log) -> di
             log.info("%d files under the source are not images (runs/%s.skipped.parquet says why)",
                      len(listing.skipped), run_id)  # fmt: skip
         shards = list(chunks(files, cfg.shard_size))
+        _check_leases(leases)  # the plan claims these images: only while the leases are ours
         save_plan(plan_uri, shards)
         doc = {
             "run_id": run_id,
@@ -341,7 +370,7 @@ def _annotate(cfg: AnnotateConfig, predictor: Predictor, run_id: str, log) -> di
     )
     record.start()
     try:
-        totals, pending = _run_shards(cfg, run_id, shards, log)
+        totals, pending = _run_shards(cfg, run_id, shards, log, leases)
         counts = run_counts(cfg.out, run_id)
     except BaseException as e:
         # an Exception is a failure; anything else (SIGTERM as Prefect's TerminationSignal, Ctrl-C) an interruption
@@ -390,7 +419,9 @@ def _describe(e: BaseException) -> str:
     return f"interrupted by {how}; rerun the run id to resume"
 
 
-def _run_shards(cfg: AnnotateConfig, run_id: str, shards: list[list[SourceFile]], log) -> tuple[ShardCounts, list[int]]:
+def _run_shards(
+    cfg: AnnotateConfig, run_id: str, shards: list[list[SourceFile]], log, leases: list[Lease]
+) -> tuple[ShardCounts, list[int]]:
     """Run the shards not finished yet; the board shows images done as they come, shard logs show throughput."""
     pending = [i for i in range(len(shards)) if not exists(part_uri(cfg.out, "images", run_id, i))]
     total = sum(len(shards[i]) for i in pending)
@@ -437,6 +468,7 @@ def _run_shards(cfg: AnnotateConfig, run_id: str, shards: list[list[SourceFile]]
                             counts.images / max(counts.seconds, 1e-9),
                         )
                     board.tick()
+                    _check_leases(leases)
             except BaseException:
                 board.cancel()  # so leaving the runner does not wait for every running shard to finish
                 raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import logging
@@ -12,13 +13,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from fkd_core.errors import RunConflict
 from fkd_core.lease import Lease, default_holder
-from fkd_core.parquet_io import output_tables
+from fkd_core.parquet_io import IMAGES_SCHEMA, output_tables
 from flows.annotate import annotate
 from tests.flows.conftest import BIN, SECRET
 
@@ -76,6 +78,13 @@ def test_a_url_chain_in_a_key_on_a_bucket_is_just_a_name(tmp_path, s3fs_clean, s
     rows = _images(tmp_path / "out")
     assert rows["s3://fkd-hostile/in/a::b.jpg"]["status"] == "ok"
     assert rows["s3://fkd-hostile/in/a::b.jpg"]["n_faces"] == 2
+    # a store read is cut off at its deadline (here far shorter than the request), recorded as the file's reason
+    from fkd_core.errors import ImageError
+    from fkd_core.image_io import read_bytes
+
+    with pytest.raises(ImageError, match=r"read took longer than 0.0001 s"):
+        read_bytes("s3://fkd-hostile/in/a::b.jpg", max_seconds=0.0001)
+    assert read_bytes("s3://fkd-hostile/in/a::b.jpg") == (sample_dir / "photos" / "obamas.jpg").read_bytes()
 
 
 def test_identical_bad_files_get_identical_reasons_without_addresses(tmp_path, model_path):
@@ -129,10 +138,15 @@ def test_incremental_retries_errors_and_redoes_replaced_files_only(tmp_path, sam
     (src / "partial.jpg").write_bytes((sample_dir / "photos" / "obamas.jpg").read_bytes())  # the upload finished
     replaced = src / names[0]
     replaced.write_bytes((sample_dir / "images" / names[1]).read_bytes())  # a new picture under the same name
+    touched = src / names[2]  # the same size, other bytes and time: only its version tells
+    data = bytearray(touched.read_bytes())
+    data[-3] ^= 0xFF
+    touched.write_bytes(bytes(data))
+    os.utime(touched, ns=(time.time_ns(), time.time_ns() + 10**9))
     second = annotate(source=str(src), out=out, model=model_path, incremental=True, run_id="second")
     redone = {r["image_uri"] for r in _all_rows(out) if r["run_id"] == "second"}
-    assert redone == {str(src / "partial.jpg"), str(replaced)}
-    assert second["skipped_existing"] == 2
+    assert redone == {str(src / "partial.jpg"), str(replaced), str(touched)}
+    assert second["skipped_existing"] == 1
     third = annotate(source=str(src), out=out, model=model_path, incremental=True, run_id="third")
     assert third["images_planned"] == 0 and third["skipped_existing"] == 4
 
@@ -159,12 +173,19 @@ def test_a_foreign_file_in_the_output_breaks_neither_queries_nor_incremental_run
     (out / "images" / "run_id=one" / "notes.txt").write_text("hand-written notes")
     again = annotate(source=str(src), out=str(out), model=model_path, incremental=True, run_id="two")
     assert again["images_planned"] == 0
-    q = subprocess.run(
-        [str(BIN / "fkd"), "query", str(out), "select count(*) n from images", "--format", "json"],
-        capture_output=True,
-        text=True,
-    )
-    assert q.returncode == 0 and json.loads(q.stdout)[0]["n"] == 2, q.stderr[-2000:]
+    # a part written before source_version existed: read with the column null, and matched by size
+    old_file = src / "old.jpg"
+    old_file.write_bytes((sample_dir / "photos" / "obamas.jpg").read_bytes())
+    old_schema = pa.schema([f for f in IMAGES_SCHEMA if f.name != "source_version"])
+    old_row = {"image_uri": str(old_file), "status": "ok", "error": None, "width": 1, "height": 1, "n_faces": 0,
+               "bytes": old_file.stat().st_size, "sha256": None, "created_at": dt.datetime.now(dt.UTC)}  # fmt: skip
+    (out / "images" / "run_id=old").mkdir()
+    pq.write_table(pa.Table.from_pylist([old_row], old_schema), out / "images" / "run_id=old" / "part-00000.parquet")
+    third = annotate(source=str(src), out=str(out), model=model_path, incremental=True, run_id="three")
+    assert third["images_planned"] == 0 and third["skipped_existing"] == 3
+    sql = "select count(*) n, count(source_version) v from images"
+    q = subprocess.run([str(BIN / "fkd"), "query", str(out), sql, "--format", "json"], capture_output=True, text=True)
+    assert q.returncode == 0 and json.loads(q.stdout)[0] == {"n": 3, "v": 2}, q.stderr[-2000:]
 
 
 def _hold_and_die(locks: str, name: str, ttl: float, ready, host: str | None = None) -> None:
@@ -272,17 +293,33 @@ def test_two_incremental_runs_from_two_clis_without_a_shared_server_annotate_eac
         "--model",
         model_path,
     ]
-    procs = []
-    for i in range(2):
-        home = tmp_path / f"home{i}"
-        home.mkdir()
-        procs.append(
-            subprocess.Popen(
-                cmd, env=env | {"PREFECT_HOME": str(home)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
-    results = [p.communicate(timeout=240) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in results]
+    env["PREFECT_LOGGING_LEVEL"] = "INFO"
+    # a third holder keeps the incremental lease while both start, so the two really overlap and both wait
+    ctx = multiprocessing.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(str(out / "locks"), "incremental", ready, done))
+    holder.start()
+    assert ready.wait(60)
+    procs, logs = [], [tmp_path / f"cli{i}.log" for i in range(2)]
+    try:
+        for i, log in enumerate(logs):
+            home = tmp_path / f"home{i}"
+            home.mkdir()
+            with open(log, "w") as err:
+                procs.append(subprocess.Popen(cmd, env=env | {"PREFECT_HOME": str(home)}, stdout=subprocess.DEVNULL,
+                                              stderr=err))  # fmt: skip
+        # release the lease only once both runs say they wait for it: they overlap for certain
+        deadline = time.monotonic() + 180
+        while not all("waiting for the incremental lease" in log.read_text() for log in logs):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [
+                x.read_text()[-2000:] for x in logs
+            ]
+            time.sleep(0.5)
+    finally:
+        done.set()
+        holder.join(60)
+    codes = [p.wait(timeout=240) for p in procs]
+    assert codes == [0, 0], [log.read_text()[-2000:] for log in logs]
     rows = _all_rows(out)
     assert sorted(r["image_uri"] for r in rows) == sorted(str(src / n) for n in names)  # each once, none missing
 
