@@ -108,7 +108,8 @@ def annotate(
         ),
         preflight,
     )
-    _print({k: doc[k] for k in ("run_id", "status", "model_id", "images_planned", "counts", "seconds")})
+    keys = ("run_id", "status", "model_id", "images_planned", "skipped_existing", "skipped_files", "counts", "seconds")
+    _print({k: doc[k] for k in keys if k in doc})
 
 
 @app.command()

@@ -372,6 +372,7 @@ def test_a_quiet_incremental_rerun_from_the_cli_prints_no_traceback(tmp_path, sa
     runs = [subprocess.run([*cmd, "--model", model_path], env=env, capture_output=True, text=True) for _ in range(2)]
     assert [r.returncode for r in runs] == [0, 0], runs[1].stderr[-2000:]
     assert [json.loads(r.stdout)["counts"]["images"] for r in runs] == [3, 0]
+    assert [json.loads(r.stdout)["skipped_existing"] for r in runs] == [0, 3]  # the summary says why nothing ran
     assert "Traceback" not in runs[1].stderr and "ERROR" not in runs[1].stderr, runs[1].stderr[-2000:]
 
 
