@@ -231,8 +231,7 @@ def list_source(uri: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Lis
     unknown: list[SourceFile] = []
     if is_local(fs):
         if os.path.isfile(path) or (os.path.exists(path) and not os.path.isdir(path)):
-            st = os.stat(path)
-            return Listing([SourceFile(path, st.st_size, f"{st.st_size}-{st.st_mtime_ns}")], [])
+            return Listing([_local_file(path, os.stat(path))], [])
         if not os.path.isdir(path):
             check_exists(uri, "source", directory=True)  # a missing path: refused, naming it
         for p, st in _walk_local(path, skipped):
@@ -247,8 +246,7 @@ def list_source(uri: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Lis
             elif not stat.S_ISREG(st.st_mode):
                 (images.append(SourceFile(p, None, None)) if named else skipped.append((p, _kind(st.st_mode))))
             else:
-                f = SourceFile(p, st.st_size, f"{st.st_size}-{st.st_mtime_ns}")
-                (images if named else unknown).append(f)
+                (images if named else unknown).append(_local_file(p, st))
     else:
         if fs.isfile(path):
             info = fs.info(path)
@@ -267,6 +265,10 @@ def list_source(uri: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Lis
         else:
             skipped.append((f.uri, "not an image (no image extension, no image signature)"))
     return Listing(sorted(images, key=lambda f: f.uri), sorted(skipped))
+
+
+def _local_file(path: str, st: os.stat_result) -> SourceFile:
+    return SourceFile(path, st.st_size, f"{st.st_size}-{st.st_mtime_ns}")
 
 
 def _store_version(info: dict) -> str | None:
@@ -524,7 +526,7 @@ def iter_read(
     """
     if not uris:
         return
-    fs, _ = url_to_fs(uris[0])
+    fs, _ = split_uri(uris[0])  # a listed name, like read_bytes reads it: never parsed as a URL chain
     if is_local(fs):
         for u in uris:
             try:
