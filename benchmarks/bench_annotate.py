@@ -5,6 +5,7 @@
     python benchmarks/bench_annotate.py batching [--n 1000] [--shard-size 500]
     python benchmarks/bench_annotate.py dask     [--n 1000] [--shard-size 250]
     python benchmarks/bench_annotate.py memory16 [--n 4] [--code-root ../other-checkout]
+    python benchmarks/bench_annotate.py versus   [--n 1200] --code-root ../other-checkout [--rounds 2]
 
 `ratio` times, in one process and one run, a bare loop of read + decode + Haar (the floor of this design:
 every image must be decoded and searched for faces) and the full annotate flow on the same images; it reports
@@ -15,6 +16,8 @@ only 32 images' crops are held) against once over the whole shard (before), alte
 `dask` starts a local scheduler and two one-thread workers (as separate processes, on 127.0.0.1) and times the
 flow on them cold (fresh workers: the model is loaded when the run registers it) and warm (a second run), against
 the local runner on the same images, and counts the workers' "Event loop was unresponsive" warnings.
+`versus` times the flow of this checkout and of another (each with its own shipped model, in its own process,
+alternating A/B/A/B on the same images) and reports each one's images/s and this/other.
 Images come from ../shared/data.
 """
 
@@ -201,7 +204,7 @@ def dask_cluster_vs_local(args) -> dict:
             for log in logs:
                 cmd = [str(bindir / "dask"), "worker", address, "--nthreads", "1", "--host", "127.0.0.1"]
                 procs.append(subprocess.Popen([*cmd, "--no-dashboard"], stdout=subprocess.DEVNULL,
-                                              stderr=open(log, "w")))  # noqa: SIM115  # fmt: skip
+                                              stderr=open(log, "w")))  # fmt: skip
             with Client(address, timeout=60) as c:
                 c.wait_for_workers(2, timeout=120)
             runs = {}
@@ -276,6 +279,49 @@ def memory16(args) -> dict:
     return out
 
 
+def versus(args) -> dict:
+    """Annotate throughput of this checkout against another, alternating runs in child processes."""
+    if not args.code_root:
+        raise SystemExit("versus needs --code-root (another checkout of fkd)")
+    roots = {"this": ROOT, "other": Path(args.code_root).resolve()}
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = make_corpus(Path(args.images), args.n, Path(tmp) / "in")
+        rates: dict[str, list[float]] = {k: [] for k in roots}
+        models: dict[str, str] = {}
+        for r in range(args.rounds):
+            for name, root in roots.items():
+                code = (
+                    "import json, time\n"
+                    "import fkd_core\n"
+                    "from flows.annotate import annotate\n"
+                    f"annotate(source={str(corpus)!r} + '/' + sorted(__import__('os').listdir({str(corpus)!r}))[0], "
+                    f"out={tmp + f'/warm-{name}-{r}'!r})\n"
+                    "t0 = time.perf_counter()\n"
+                    f"doc = annotate(source={str(corpus)!r}, out={tmp + f'/out-{name}-{r}'!r}, "
+                    f"shard_size={args.shard_size[0]})\n"
+                    "print(json.dumps({'images': doc['counts_this_attempt']['images'], "
+                    "'seconds': time.perf_counter() - t0, 'code': fkd_core.__file__, 'model': doc['model_id']}))\n"
+                )
+                env = {k: v for k, v in os.environ.items() if k != "FKD_MODEL"} | {"PYTHONPATH": str(root)}
+                proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)
+                if proc.returncode:
+                    raise SystemExit(proc.stderr[-3000:])
+                doc = json.loads(proc.stdout.strip().splitlines()[-1])
+                if not doc["code"].startswith(str(root)):
+                    raise SystemExit(f"{name} ran {doc['code']}, not the code under {root}")
+                models[name] = doc["model"]
+                rates[name].append(doc["images"] / doc["seconds"])
+    mean = {k: sum(v) / len(v) for k, v in rates.items()}
+    return {
+        "images": args.n,
+        "cpu_cores": os.cpu_count(),
+        "other": str(roots["other"]),
+        "models": models,
+        "images_per_s": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+        "this_over_other": round(mean["this"] / mean["other"], 3),
+    }
+
+
 def memory(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = make_corpus(Path(args.images), args.n, Path(tmp) / "in")
@@ -305,7 +351,8 @@ def main() -> None:
     from fkd_core.checkpoint import DEFAULT_MODEL
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["ratio", "memory", "memory16", "batching", "dask"])
+    ap.add_argument("mode", choices=["ratio", "memory", "memory16", "batching", "dask", "versus"])
+    ap.add_argument("--rounds", type=int, default=2, help="versus: A/B rounds")
     ap.add_argument("--code-root", default=None, help="memory16: also measure this other checkout of fkd")
     ap.add_argument("--n", type=int, default=None)
     ap.add_argument("--shard-size", type=int, nargs="+", default=[500])
@@ -313,9 +360,12 @@ def main() -> None:
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--compare-model", default=None, help="also time the flow with this checkpoint")
     args = ap.parse_args()
-    args.n = args.n or {"ratio": 2400, "memory": 20000, "memory16": 4, "batching": 1000, "dask": 1000}[args.mode]
+    args.n = (
+        args.n
+        or {"ratio": 2400, "memory": 20000, "memory16": 4, "batching": 1000, "dask": 1000, "versus": 1200}[args.mode]
+    )
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    modes = {"ratio": ratio, "memory": memory, "memory16": memory16, "batching": batching}
+    modes = {"ratio": ratio, "memory": memory, "memory16": memory16, "batching": batching, "versus": versus}
     modes["dask"] = dask_cluster_vs_local
     print(json.dumps(modes[args.mode](args), indent=2))
 

@@ -36,7 +36,7 @@ class AlignPolicy:
     of the crop is face, as in the first stage's crop). The ``*_std`` values are the standard deviations of
     the Gaussian noise added in training to the alignment of the true keypoints, so the second stage learns to
     correct first-stage errors; the defaults are the first stage's errors measured on the validation split
-    (centre 0.115 / 0.052 radii in x / y, log-scale 0.050, angle 4.1 degrees; README).
+    (centre 0.115 / 0.052 radii in x / y, log-scale 0.050, angle 4.1 degrees; docs/experiments.md).
     """
 
     side: float = 3.8
@@ -44,7 +44,7 @@ class AlignPolicy:
     scale_std: float = 0.05  # log-scale noise
     rotate_std_deg: float = 4.0
     # Inference runs the second stage this many times, each pass aligned by the last pass's keypoints.
-    # Measured on the validation crops: 1 pass 0.0704, 2 passes 0.0693, 3 passes 0.0693 (README).
+    # Measured on the validation crops: 1 pass 0.0704, 2 passes 0.0693, 3 passes 0.0693 (docs/experiments.md).
     passes: int = 2
     # The canonical crop the aligned crop is cut from (as ingest stores it).
     context_margin: float = CANONICAL_MARGIN
@@ -152,6 +152,7 @@ def refine_passes(
     keypoints: np.ndarray,
     policy: AlignPolicy,
     size: int,
+    trace: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """The refining stage at inference, on canonical crops: ``policy.passes`` times, cut from each canonical crop
     the crop aligned to its current keypoints, predict, and map the answer back.
@@ -159,7 +160,8 @@ def refine_passes(
     ``predict`` maps (N, size, size) uint8 aligned crops to (N, 68, 2) keypoints in aligned-crop pixels;
     ``keypoints`` (N, 68, 2) are the first stage's, in canonical-crop pixels. Returns the refined keypoints
     (N, 68, 2) float64 in canonical-crop pixels and the last pass's matrices (canonical -> aligned crop).
-    Validation (``train.evaluate_arrays``) and the ``Predictor`` both run this one function.
+    Validation (``train.evaluate_arrays``) and the ``Predictor`` both run this one function. ``trace``, if given,
+    receives each pass's keypoints (N, 68, 2), in canonical-crop pixels.
     """
     kp = list(np.asarray(keypoints, np.float64))
     mats: list[np.ndarray] = []
@@ -170,4 +172,6 @@ def refine_passes(
         crops = np.stack([warp(c, m, size) for c, m in zip(contexts, mats, strict=True)])
         pred = predict(crops)
         kp = [affine_points(invert(m), p.astype(np.float64)) for m, p in zip(mats, pred, strict=True)]
+        if trace is not None:
+            trace.append(np.stack(kp))
     return np.stack(kp), mats

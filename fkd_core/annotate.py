@@ -1,7 +1,7 @@
 """Batch annotation of one shard of images: the work of one annotate task, Prefect-free.
 
 read -> decode -> Haar -> crops -> batched model forward -> keypoints in original pixels -> the ``images`` and
-``faces`` Parquet parts of DESIGN.md. A bad file becomes an ``error`` row with its reason; nothing stops the shard.
+``faces`` Parquet parts of docs/design.md. A bad file becomes an ``error`` row with its reason; nothing stops the shard.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from fkd_core.image_io import (
     stable_reason,
 )
 from fkd_core.parquet_io import FACES_SCHEMA, IMAGES_SCHEMA, keypoint_column, part_uri, write_table
-from fkd_core.predict import Located, Predictor
+from fkd_core.predict import Face, Located, Predictor
 from fkd_core.types import Box
 
 
@@ -52,7 +52,7 @@ class _Image:
     sha256: str | None = None
     boxes: list[Box] = field(default_factory=list)
     located: Located | None = None  # the faces' crops, until the model has run
-    keypoints: list[np.ndarray] = field(default_factory=list)  # (68, 2) original pixels, per box
+    faces: list[Face] = field(default_factory=list)  # per box: keypoints in original pixels and trust columns
     version: str | None = None  # the source file's version as listed (size + mtime, or ETag)
 
     def fail(self, reason: str) -> None:
@@ -87,7 +87,7 @@ def _prepare(uri: str, data: bytes | ImageError, predictor: Predictor, s: Annota
         img.boxes = img.located.boxes
     except ImageError as e:
         img.fail(str(e))
-    except Exception as e:  # noqa: BLE001 - an unexpected failure on one file must not stop the batch
+    except Exception as e:  # an unexpected failure on one file must not stop the batch
         img.fail(f"internal error: {stable_reason(f'{type(e).__name__}: {e}')}")
     else:
         img.status = "ok" if img.boxes else "no_face"
@@ -139,7 +139,7 @@ def _run_model(images: list[_Image], predictor: Predictor) -> None:
     """Keypoints, in original pixels, for every face of ``images`` (one batched pass per stage); frees the crops."""
     waiting = [im for im in images if im.located is not None]
     for im, faces in zip(waiting, predictor.keypoints([im.located for im in waiting]), strict=True):
-        im.keypoints = [f.keypoints for f in faces]
+        im.faces = faces
         im.located = None
 
 
@@ -162,7 +162,11 @@ def tables(images: list[_Image], model_id: str, created_at: dt.datetime) -> tupl
         }
     )
     faces = [(im, k) for im in images for k in range(len(im.boxes))]
-    kp = np.asarray([im.keypoints[k] for im, k in faces], np.float32).reshape(-1, 68, 2)
+    kp = np.asarray([im.faces[k].keypoints for im, k in faces], np.float32).reshape(-1, 68, 2)
+
+    def trust(attr: str) -> pa.Array:
+        return pa.array([getattr(im.faces[k], attr) for im, k in faces], pa.float32())
+
     face_tbl = pa.table(
         {
             "image_uri": pa.array([im.uri for im, _ in faces], pa.string()),
@@ -173,6 +177,10 @@ def tables(images: list[_Image], model_id: str, created_at: dt.datetime) -> tupl
             "box_h": pa.array([round(im.boxes[k].h) for im, k in faces], pa.int32()),
             "keypoints_x": keypoint_column(kp[:, :, 0]),
             "keypoints_y": keypoint_column(kp[:, :, 1]),
+            "det_score": trust("det_score"),
+            "yaw": trust("yaw"),
+            "face_prob": trust("face_prob"),
+            "quality": trust("quality"),
             "model_id": pa.array([model_id] * len(faces), pa.string()),
             "created_at": pa.array([created_at] * len(faces), pa.timestamp("us", tz="UTC")),
         }
@@ -199,8 +207,9 @@ def run_shard(
     for im, v in zip(images, versions or [None] * len(images), strict=True):
         im.version = v
     img_tbl, face_tbl = tables(images, predictor.model_id, dt.datetime.now(dt.UTC))
-    write_table(face_tbl, part_uri(out, "faces", run_id, shard), FACES_SCHEMA)
-    write_table(img_tbl, part_uri(out, "images", run_id, shard), IMAGES_SCHEMA)
+    meta = {"model_id": predictor.model_id, "run_id": run_id}
+    write_table(face_tbl, part_uri(out, "faces", run_id, shard), FACES_SCHEMA, meta)
+    write_table(img_tbl, part_uri(out, "images", run_id, shard), IMAGES_SCHEMA, meta)
     c = ShardCounts(images=len(images), faces=face_tbl.num_rows, seconds=time.perf_counter() - t0)
     for im in images:
         setattr(c, im.status, getattr(c, im.status) + 1)

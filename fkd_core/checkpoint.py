@@ -18,6 +18,7 @@ from fkd_core.geometry import CropPolicy
 from fkd_core.model import NaimishNet, NaimishNetConfig
 from fkd_core.parquet_io import exists, read_json, write_bytes, write_json
 from fkd_core.resources import shipped_dir
+from fkd_core.trust import TRUST_PREFIX, TrustHeads
 
 FORMAT = "fkd-naimishnet/1"
 REFINE_PREFIX = "refine."  # tensor names of the optional second (refining) stage in the same file
@@ -34,6 +35,7 @@ class LoadedModel:
     meta: dict = field(default_factory=dict)
     refine: NaimishNet | None = None  # second stage on crops aligned to the first stage's keypoints
     align: AlignPolicy | None = None  # how those crops are made (set with ``refine``)
+    trust: TrustHeads | None = None  # face_prob and quality heads over the refining stage (fkd_core.trust)
 
 
 def config_uri(weights_uri: str) -> str:
@@ -69,17 +71,23 @@ def pack_checkpoint(
     dtype: torch.dtype = torch.float16,
     refine: NaimishNet | None = None,
     align: AlignPolicy | None = None,
+    trust: TrustHeads | None = None,
 ) -> PackedCheckpoint:
     """Assemble a checkpoint in memory; its model id is ``<name>-<first 12 hex of the weights' sha256>``.
 
     With ``refine`` (and its ``align`` policy) the file also holds a second stage, its tensors named
-    ``refine.<name>``; the sha256, and so the model id, covers both stages.
+    ``refine.<name>``; the sha256, and so the model id, covers both stages. With ``trust`` (which needs the
+    refining stage) it also holds the trust heads as float32 ``trust.*`` tensors, covered by the sha256 too.
     """
     if (refine is None) != (align is None):
         raise ValueError("a refining stage needs its align policy, and an align policy needs the stage")
+    if trust is not None and refine is None:
+        raise ValueError("trust heads read the refining stage: a checkpoint with them needs one")
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     if refine is not None:
         tensors |= {REFINE_PREFIX + k: v.detach().to(dtype).contiguous() for k, v in refine.state_dict().items()}
+    if trust is not None:
+        tensors |= {k: torch.from_numpy(v.astype("float32")).contiguous() for k, v in trust.to_tensors().items()}
     blob = st_save(tensors, metadata={"format": FORMAT})
     digest = hashlib.sha256(blob).hexdigest()
     doc = {
@@ -95,6 +103,8 @@ def pack_checkpoint(
     }
     if refine is not None:
         doc["refine"] = {"model": refine.cfg.to_dict(), "align": align.to_dict()}
+    if trust is not None:
+        doc["trust"] = {"face_threshold": trust.face_threshold, **doc.get("trust", {})}
     return PackedCheckpoint(blob, doc)
 
 
@@ -175,6 +185,16 @@ def _from_blob(blob: bytes, doc: dict, weights_uri: str) -> LoadedModel:
         tensors = st_load(blob)
     except Exception as e:
         raise CheckpointError(f"{weights_uri}: not a valid safetensors file: {e}") from e
+    trust = None
+    if doc.get("trust") is not None:
+        try:
+            trust = TrustHeads.from_tensors(
+                {k: v.float().numpy() for k, v in tensors.items() if k.startswith(TRUST_PREFIX)},
+                float(doc["trust"]["face_threshold"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{weights_uri}: invalid trust heads: {e}") from e
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(TRUST_PREFIX)}
     model = NaimishNet(cfg)
     refine = NaimishNet(refine_cfg) if refine_cfg else None
     expected = {k: (v, cfg) for k, v in model.state_dict().items()}
@@ -199,4 +219,4 @@ def _from_blob(blob: bytes, doc: dict, weights_uri: str) -> LoadedModel:
         refine.load_state_dict({k[n:]: v.float() for k, v in tensors.items() if k.startswith(REFINE_PREFIX)})
         refine.eval()
     model_id = doc.get("model_id", f"{doc.get('name')}-{digest[:12]}")
-    return LoadedModel(model, policy, detector, model_id, doc, refine, align)
+    return LoadedModel(model, policy, detector, model_id, doc, refine, align, trust)

@@ -1,4 +1,4 @@
-"""End-to-end evaluation on labelled images (DESIGN.md "Metrics"): detect, predict, match, score."""
+"""End-to-end evaluation on labelled images (docs/design.md, "Evaluation and metrics"): match and score."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fkd_core import trust as tr
 from fkd_core.detect import match_box
 from fkd_core.errors import ImageError
 from fkd_core.examples import LabelledRow
 from fkd_core.geometry import crop_transform, normalise, square_from_box
 from fkd_core.image_io import join_uri, read_gray
-from fkd_core.metrics import nme_per_face, yaw
+from fkd_core.metrics import mse, nme_per_face, yaw
 from fkd_core.parquet_io import keypoint_column
 from fkd_core.plots import draw_faces, montage
-from fkd_core.predict import Located, Predictor
+from fkd_core.plots import risk_coverage_png as risk_coverage_png_of
+from fkd_core.predict import Face, Located, Predictor
 from fkd_core.types import Box
 
 EVAL_SCHEMA = pa.schema(
@@ -34,6 +36,10 @@ EVAL_SCHEMA = pa.schema(
         pa.field("box_y", pa.int32()),
         pa.field("box_w", pa.int32()),
         pa.field("box_h", pa.int32()),
+        pa.field("det_score", pa.float32()),  # the matched face's trust columns (as in annotate's faces table)
+        pa.field("pred_yaw", pa.float32()),
+        pa.field("face_prob", pa.float32()),
+        pa.field("quality", pa.float32()),
         pa.field("pred_x", pa.list_(pa.float32(), 68)),
         pa.field("pred_y", pa.list_(pa.float32(), 68)),
     ]
@@ -50,6 +56,7 @@ class FaceResult:
     pred: np.ndarray | None = None  # (68, 2) original pixels
     nme: float | None = None
     mse: float | None = None
+    face: Face | None = None  # the matched face with its trust columns
 
 
 def evaluate_rows(rows: list[LabelledRow], images: str, predictor: Predictor) -> list[FaceResult]:
@@ -83,9 +90,9 @@ def _score(r: LabelledRow, boxes: list[Box], faces: list, predictor: Predictor) 
     pred = faces[i].keypoints
     size = predictor.size
     t = crop_transform(square_from_box(boxes[i], predictor.policy), size)
-    mse = float(np.mean((normalise(t.to_crop(pred), size) - normalise(t.to_crop(r.keypoints), size)) ** 2))
+    err = mse(normalise(t.to_crop(pred), size), normalise(t.to_crop(r.keypoints), size))
     nme = float(nme_per_face(pred[None], r.keypoints[None])[0])
-    return FaceResult(r, "matched", len(boxes), box=boxes[i], pred=pred, nme=nme, mse=mse)
+    return FaceResult(r, "matched", len(boxes), box=boxes[i], pred=pred, nme=nme, mse=err, face=faces[i])
 
 
 def face_yaw(results: list[FaceResult]) -> np.ndarray:
@@ -99,6 +106,9 @@ def results_table(results: list[FaceResult]) -> pa.Table:
     pred = np.array([r.pred if r.pred is not None else np.full((68, 2), np.nan) for r in results], np.float32)
     pred = pred.reshape(-1, 68, 2)
     mask = pa.array([r.pred is None for r in results])
+
+    def trust(attr: str) -> pa.Array:
+        return pa.array([getattr(r.face, attr) if r.face else None for r in results], pa.float32())
 
     def box(attr: str) -> pa.Array:
         return pa.array([round(getattr(r.box, attr)) if r.box else None for r in results], pa.int32())
@@ -117,6 +127,10 @@ def results_table(results: list[FaceResult]) -> pa.Table:
             "box_y": box("y"),
             "box_w": box("w"),
             "box_h": box("h"),
+            "det_score": trust("det_score"),
+            "pred_yaw": trust("yaw"),
+            "face_prob": trust("face_prob"),
+            "quality": trust("quality"),
             "pred_x": pc.if_else(
                 mask, pa.nulls(len(results), EVAL_SCHEMA.field("pred_x").type), keypoint_column(pred[:, :, 0])
             ),
@@ -154,3 +168,27 @@ def worst_montage(results: list[FaceResult], images: str, k: int = 12, tile: int
         )
         tiles.append(pad)
     return montage(tiles, cols=min(6, max(1, len(tiles))), size=tile)
+
+
+def trust_metrics(results: list[FaceResult], face_threshold: float | None) -> dict:
+    """How well the trust columns sort the matched faces: the AUROC of ``quality`` for NME > 0.10, the failure rate
+    among the 80 / 90 / 100 % of faces with the best ``quality``, and the share of faces ``face_prob`` keeps."""
+    matched = [r for r in results if r.status == "matched" and r.face is not None and r.face.quality is not None]
+    if not matched:
+        return {}
+    quality = np.array([r.face.quality for r in matched])
+    failed = np.array([r.nme > tr.FAILURE_NME for r in matched])
+    out = {"quality_auroc": tr.auroc(quality, failed)}
+    for cov in (0.8, 0.9, 1.0):
+        out[f"fr@0.10 at {cov:.0%} coverage"] = tr.failure_rate_at(quality, failed, cov)
+    if face_threshold is not None:
+        out["faces kept by face_prob"] = float(np.mean([r.face.face_prob >= face_threshold for r in matched]))
+    return out
+
+
+def risk_coverage_png(results: list[FaceResult], title: str) -> bytes | None:
+    """The risk-coverage curve of the matched faces' ``quality`` (:func:`fkd_core.plots.risk_coverage_png`)."""
+    matched = [r for r in results if r.status == "matched" and r.face is not None and r.face.quality is not None]
+    if not matched:
+        return None
+    return risk_coverage_png_of(np.array([r.face.quality for r in matched]), np.array([r.nme for r in matched]), title)

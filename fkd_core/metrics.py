@@ -7,7 +7,9 @@ import numpy as np
 from fkd_core.types import LEFT_EYE_OUTER, RIGHT_EYE_OUTER
 
 NOSE_TIP = 30
-PROFILE_YAW = 0.5  # |yaw| from here on is a profile or strongly turned head (README, "Shipped checkpoint")
+PROFILE_YAW = (
+    0.5  # |yaw| from here on is a profile or strongly turned head (docs/experiments.md, "Frontal and turned faces")
+)
 
 
 def mse(pred_norm: np.ndarray, true_norm: np.ndarray) -> float:
@@ -42,7 +44,7 @@ def failure_rate(nme: np.ndarray, threshold: float = 0.10, unmatched: int = 0) -
 
 
 def summarise(nme: np.ndarray, n_labelled: int, threshold: float = 0.10) -> dict[str, float]:
-    """The end-to-end metrics of DESIGN.md for matched faces' NME out of ``n_labelled`` labelled faces."""
+    """The end-to-end metrics of docs/design.md for matched faces' NME out of ``n_labelled`` labelled faces."""
     nme = np.asarray(nme, np.float64)
     unmatched = n_labelled - len(nme)
     return {
@@ -54,12 +56,18 @@ def summarise(nme: np.ndarray, n_labelled: int, threshold: float = 0.10) -> dict
     }
 
 
-def yaw(true_xy: np.ndarray) -> np.ndarray:
-    """(N, 68, 2) -> (N,) a yaw proxy: where the nose tip sits between the outer eye corners, 0 when it is midway
-    (frontal), +-1 when it is in line with one corner, beyond that past it. Sign follows image x."""
-    x = np.asarray(true_xy, np.float64)[..., 0]
-    left, right, nose = x[:, LEFT_EYE_OUTER], x[:, RIGHT_EYE_OUTER], x[:, NOSE_TIP]
-    return ((nose - left) - (right - nose)) / np.maximum(np.abs(right - left), 1e-9)
+def yaw(xy: np.ndarray) -> np.ndarray:
+    """(N, 68, 2) -> (N,) a yaw proxy: where the nose tip sits between the outer eye corners along the line through
+    them, 0 when it is midway (frontal), +-1 when it is in line with one corner (roughly 45-60 degrees of turn),
+    beyond that past it. Positive when the nose tip is nearer the image-right corner (point 45: the subject's
+    left eye), i.e. the subject has turned to their left. Measured along the eye line, so in-plane tilt (roll)
+    does not count as turn."""
+    p = np.asarray(xy, np.float64)
+    left, right, nose = p[:, LEFT_EYE_OUTER], p[:, RIGHT_EYE_OUTER], p[:, NOSE_TIP]
+    axis = right - left
+    span = np.maximum(np.linalg.norm(axis, axis=-1), 1e-9)
+    along = np.sum((nose - left) * axis, axis=-1) / span  # nose tip's distance from the left corner, on the line
+    return (2 * along - span) / span
 
 
 def by_pose(nme: np.ndarray, yaws: np.ndarray, threshold: float = 0.10) -> list[dict]:

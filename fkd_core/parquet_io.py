@@ -1,4 +1,4 @@
-"""Parquet schemas (the data contracts of DESIGN.md) and writers/readers over fsspec."""
+"""Parquet schemas (the data contracts of docs/design.md) and writers/readers over fsspec."""
 
 from __future__ import annotations
 
@@ -64,6 +64,11 @@ FACES_SCHEMA = pa.schema(
         pa.field("box_h", pa.int32(), nullable=False),
         pa.field("keypoints_x", KP_TYPE, nullable=False),  # original image pixels, iBUG 300-W order
         pa.field("keypoints_y", KP_TYPE, nullable=False),
+        # how far to trust the face (fkd_core.trust; docs/design.md "Trust per face")
+        pa.field("det_score", pa.float32()),  # the cascade's level weight for the box
+        pa.field("yaw", pa.float32(), nullable=False),  # head turn: 0 frontal, +-1 nose in line with an eye corner
+        pa.field("face_prob", pa.float32()),  # P(the box holds an upright face); null without trust heads
+        pa.field("quality", pa.float32()),  # P(NME > 0.10), lower is better; null without trust heads
         pa.field("model_id", pa.string(), nullable=False),
         pa.field("created_at", TS_TYPE, nullable=False),
     ]
@@ -95,16 +100,50 @@ def validate(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return table
 
 
-def write_table(table: pa.Table, uri: str, schema: pa.Schema | None = None) -> None:
+def write_table(table: pa.Table, uri: str, schema: pa.Schema | None = None, meta: dict[str, str] | None = None) -> None:
     """Write one Parquet file so that readers never see a partial file.
 
     Local files are written beside and renamed into place; object stores publish a single PUT atomically.
+    Floating-point columns (the keypoints above all) are stored with BYTE_STREAM_SPLIT and no dictionary, which
+    zstd compresses far better than plain floats; every other column keeps its dictionary. The file's key-value
+    metadata says which contract and which fkd wrote it (:func:`file_metadata`), plus ``meta`` (e.g. the model id).
     """
     if schema is not None:
         table = validate(table, schema)
+    floats = [f for f in table.schema if _is_float(f.type)]
+    encoding = {_leaf_path(f): "BYTE_STREAM_SPLIT" for f in floats}
+    dictionary = [f.name for f in table.schema if f not in floats]
+    table = table.replace_schema_metadata((table.schema.metadata or {}) | file_metadata(meta))
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", use_dictionary=dictionary, column_encoding=encoding)
     write_bytes(sink.getvalue().to_pybytes(), uri)
+
+
+SCHEMA_VERSION = "2"  # the data contracts' version: 2 added the faces' trust columns (det_score, yaw, ...)
+
+
+def file_metadata(meta: dict[str, str] | None = None) -> dict[bytes, bytes]:
+    """The key-value metadata fkd writes into every Parquet file: ``fkd.schema_version``, ``fkd.version`` and
+    ``meta`` under ``fkd.<key>``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        fkd_version = version("fkd")
+    except PackageNotFoundError:  # pragma: no cover - running from a checkout that was never installed
+        fkd_version = "unknown"
+    kv = {"schema_version": SCHEMA_VERSION, "version": fkd_version} | (meta or {})
+    return {f"fkd.{k}".encode(): str(v).encode() for k, v in kv.items()}
+
+
+def _is_float(t: pa.DataType) -> bool:
+    if pa.types.is_fixed_size_list(t) or pa.types.is_list(t):
+        return _is_float(t.value_type)
+    return pa.types.is_floating(t)
+
+
+def _leaf_path(f: pa.Field) -> str:
+    """The Parquet column path of a flat or list field (``keypoints_x.list.element``)."""
+    return f"{f.name}.list.element" if pa.types.is_fixed_size_list(f.type) or pa.types.is_list(f.type) else f.name
 
 
 def write_json(obj: dict, uri: str) -> None:
@@ -179,7 +218,7 @@ _RUN_PART = re.compile(r"run_id=[^/]+/part-\d+\.parquet")
 
 
 def part_uri(base: str, table: str, run_id: str, shard: int) -> str:
-    """``<base>/<table>/run_id=<id>/part-<shard>.parquet`` (DESIGN.md layout)."""
+    """``<base>/<table>/run_id=<id>/part-<shard>.parquet`` (docs/design.md, "Output layout")."""
     return join_uri(base, table, f"run_id={run_id}", f"part-{shard:05d}.parquet")
 
 

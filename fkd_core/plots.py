@@ -74,27 +74,46 @@ def loss_curve_png(*args, **kwargs) -> bytes:
     return buf.getvalue()
 
 
+def quality_colour(quality: float | None) -> tuple[int, int, int]:
+    """BGR for a face's ``quality`` (P(NME > 0.10)): green at 0, through yellow at 0.25, red from 0.5 on;
+    cyan-yellow (the box colour of faces without trust columns) for None."""
+    if quality is None or not np.isfinite(quality):
+        return (0, 255, 255)
+    t = min(max(float(quality) / 0.5, 0.0), 1.0)
+    return (0, round(255 * min(1.0, 2 * (1 - t))), round(255 * min(1.0, 2 * t)))
+
+
 def draw_faces(
     gray_or_bgr: np.ndarray,
     boxes: list[Box],
     keypoints: list[np.ndarray],
     radius: int | None = None,
     truth: list[np.ndarray] | None = None,
+    quality: list[float | None] | None = None,
+    labels: list[str] | None = None,
 ) -> np.ndarray:
-    """BGR image with boxes and keypoints drawn (truth, if given, as white hollow circles)."""
+    """BGR image with boxes and keypoints drawn (truth, if given, as white hollow circles).
+
+    With ``quality`` (one per face) each face's box and points take its :func:`quality_colour` instead of the
+    per-region colours, and ``labels`` are written above the boxes."""
     img = cv2.cvtColor(gray_or_bgr, cv2.COLOR_GRAY2BGR) if gray_or_bgr.ndim == 2 else gray_or_bgr.copy()
     r = radius or max(1, round(max(img.shape[:2]) / 300))
-    for b in boxes:
-        cv2.rectangle(
-            img, (round(b.x), round(b.y)), (round(b.x + b.w), round(b.y + b.h)), (0, 255, 255), max(1, r // 2)
-        )
+    colours = [quality_colour(q) for q in quality] if quality is not None else [None] * len(boxes)
+    for i, b in enumerate(boxes):
+        colour = colours[i] or (0, 255, 255)
+        cv2.rectangle(img, (round(b.x), round(b.y)), (round(b.x + b.w), round(b.y + b.h)), colour, max(1, r // 2))
+        if labels:
+            scale = max(0.4, b.w / 250)
+            org = (round(b.x), max(12, round(b.y) - 4))
+            cv2.putText(img, labels[i], org, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, max(1, r // 2), cv2.LINE_AA)
     for t in truth or []:
         for x, y in t:
             cv2.circle(img, (round(float(x)), round(float(y))), r + 1, (255, 255, 255), 1, cv2.LINE_AA)
-    for kp in keypoints:
+    for i, kp in enumerate(keypoints):
         for lo, hi, colour in _REGIONS:
             for x, y in kp[lo:hi]:
-                cv2.circle(img, (round(float(x)), round(float(y))), r, colour, -1, cv2.LINE_AA)
+                c = colours[i] if i < len(colours) and colours[i] is not None else colour
+                cv2.circle(img, (round(float(x)), round(float(y))), r, c, -1, cv2.LINE_AA)
     return img
 
 
@@ -113,3 +132,37 @@ def png_bytes(img: np.ndarray) -> bytes:
     if not ok:  # pragma: no cover
         raise ValueError("PNG encoding failed")
     return buf.tobytes()
+
+
+def risk_coverage_png(quality: np.ndarray, nme: np.ndarray, title: str, threshold: float = 0.10) -> bytes:
+    """Keeping faces best ``quality`` first, the failure rate (NME > ``threshold``) among those kept, against the
+    best possible order (by the true NME) and keeping all."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fkd_core import trust as tr
+
+    failed = np.asarray(nme) > threshold
+    cov, risk = tr.risk_coverage(quality, failed)
+    best_cov, best_risk = tr.risk_coverage(np.asarray(nme), failed)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(cov * 100, risk * 100, label=f"kept by quality (AUROC {tr.auroc(quality, failed):.3f})")
+    ax.plot(best_cov * 100, best_risk * 100, ":", color="grey", label="kept by true NME (best possible)")
+    ax.axhline(failed.mean() * 100, color="black", lw=0.8, ls="--", label="keeping all")
+    for c in (80, 90):
+        ax.axvline(c, color="grey", lw=0.5)
+    ax.set_xlabel("faces kept, best quality first (%)")
+    ax.set_ylabel(f"FR@{threshold:.2f} among the kept (%)")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlim(0, 100)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -15,19 +15,26 @@ import numpy as np
 import torch
 
 from fkd_core import align as al
+from fkd_core import trust as tr
 from fkd_core.checkpoint import DEFAULT_MODEL, LoadedModel, config_uri, load_checkpoint
-from fkd_core.detect import DetectorConfig, detect_faces
+from fkd_core.detect import Detection, DetectorConfig, detect
 from fkd_core.examples import canonical_square
 from fkd_core.geometry import CropPolicy, CropTransform, crop_square, denormalise, square_from_box
-from fkd_core.model import NaimishNet
+from fkd_core.model import DENSE_WIDTH, NaimishNet
 from fkd_core.parquet_io import read_json
 from fkd_core.types import Box
 
 
 @dataclass(frozen=True)
 class Face:
+    """One face: its box, 68 keypoints and how far to trust them (``fkd_core.trust``)."""
+
     box: Box
     keypoints: np.ndarray  # (68, 2) float32, original image pixels
+    det_score: float | None = None  # the cascade's level weight; None for a box given by the caller
+    yaw: float = 0.0  # head turn of the keypoints (metrics.yaw)
+    face_prob: float | None = None  # P(the box holds a face); None without trust heads
+    quality: float | None = None  # P(NME > 0.10): lower is better; None without trust heads
 
 
 @dataclass
@@ -38,10 +45,25 @@ class Located:
     """
 
     boxes: list[Box]
+    scores: list[float] = field(default_factory=list)  # cascade level weights (NaN for given boxes)
+    fallback: bool = False  # the boxes came from the detector's fallback pass
+    image_side: int = 0  # the image's shorter side
     crops: list[np.ndarray] = field(default_factory=list)  # first stage, (S, S) uint8
     transforms: list[CropTransform] = field(default_factory=list)
     contexts: list[np.ndarray] = field(default_factory=list)  # canonical crops, for the refining stage
     context_transforms: list[CropTransform] = field(default_factory=list)
+
+
+@dataclass
+class Analysis:
+    """What :meth:`Predictor.analyse` saw of N faces (rows in the order of the images' boxes)."""
+
+    keypoints: np.ndarray  # (N, 68, 2) float32 image pixels: the answer
+    first: np.ndarray  # (N, 68, 2) the first stage's keypoints
+    passes: list[np.ndarray]  # each refining pass's keypoints (empty without a refining stage)
+    features: np.ndarray  # (N, 1000) the refining stage's last hidden layer, last pass ((N, 0) without one)
+    signals: np.ndarray | None  # (N, len(trust.SIGNALS)); None when the predictor has no mean shape
+    first_features: np.ndarray  # (N, 1000) the first stage's last hidden layer
 
 
 _BUILD_LOCK = threading.Lock()  # one checkpoint build at a time, so concurrent callers share one predictor
@@ -76,6 +98,7 @@ class Predictor:
         align: al.AlignPolicy | None = None,
         detector: DetectorConfig = DetectorConfig(),
         checkpoint: LoadedModel | None = None,
+        trust: tr.TrustHeads | None = None,
     ):
         if backend not in ("onnx", "torch"):
             raise ValueError(f"backend must be 'onnx' or 'torch', got {backend!r}")
@@ -88,6 +111,10 @@ class Predictor:
         self.backend = backend
         self.align = align
         self.checkpoint = checkpoint  # what it was built from (model id, metadata), if from a checkpoint
+        self.trust = trust  # the face_prob and quality heads, if the checkpoint has them
+        # the shape the shape_residual signal compares with: the heads' own (analyse computes the signals only
+        # with one; ``benchmarks/fit_trust.py`` sets it to fit the heads)
+        self.mean_shape = trust.mean_shape if trust is not None else None
         self._nets = [_Net(model, backend)]
         if refine is not None:
             self._nets.append(_Net(refine, backend))
@@ -127,8 +154,15 @@ class Predictor:
         """Find the faces of a grayscale image (with this checkpoint's detector settings, unless ``boxes`` are
         given) and cut every crop the model stages need. Safe to call from many threads at once."""
         if boxes is None:
-            boxes = detect_faces(gray, self.detector)
-        loc = Located(list(boxes))
+            dets = detect(gray, self.detector)
+        else:
+            dets = [Detection(b, float("nan")) for b in boxes]
+        loc = Located(
+            [d.box for d in dets],
+            [d.score for d in dets],
+            any(d.fallback for d in dets),
+            min(gray.shape[:2]),
+        )
         for b in loc.boxes:
             crop, t = crop_square(gray, square_from_box(b, self.policy), self.size)
             loc.crops.append(crop)
@@ -141,21 +175,77 @@ class Predictor:
         return loc
 
     def keypoints(self, located: Sequence[Located]) -> list[list[Face]]:
-        """The faces of many images at once: one batched pass per model stage over all their crops."""
-        crops = [c for loc in located for c in loc.crops]
-        if not crops:
+        """The faces of many images at once: one batched pass per model stage over all their crops, then each
+        face's trust columns (``fkd_core.trust``)."""
+        a = self.analyse(located)
+        if a is None:
             return [[] for _ in located]
-        pred = self.predict_crops(np.stack(crops))  # (N, 68, 2) crop pixels
-        transforms = [t for loc in located for t in loc.transforms]
-        kps = np.stack([t.to_image(p) for t, p in zip(transforms, pred, strict=True)]).astype(np.float32)
-        if self.refines:
-            contexts = np.stack([c for loc in located for c in loc.contexts])
-            kps = self.refine_keypoints(contexts, [t for loc in located for t in loc.context_transforms], kps)
+        face_prob = quality = None
+        if self.trust is not None and self.refines and a.signals is not None:
+            face_prob, quality = self.trust(a.signals, a.first_features, a.features)
+        yaws = tr.yaw_of(a.keypoints)
         out, i = [], 0
         for loc in located:
-            out.append([Face(b, k) for b, k in zip(loc.boxes, kps[i : i + len(loc.boxes)], strict=True)])
+            faces = []
+            for j, b in enumerate(loc.boxes):
+                k = i + j
+                faces.append(
+                    Face(
+                        b,
+                        a.keypoints[k],
+                        det_score=None if not np.isfinite(loc.scores[j]) else float(loc.scores[j]),
+                        yaw=float(yaws[k]),
+                        face_prob=None if face_prob is None else float(face_prob[k]),
+                        quality=None if quality is None else float(quality[k]),
+                    )
+                )
+            out.append(faces)
             i += len(loc.boxes)
         return out
+
+    def analyse(self, located: Sequence[Located]) -> Analysis | None:
+        """Both stages over many images' faces, keeping what the trust heads read: each stage's and pass's
+        keypoints, the refining stage's last hidden features and the scalar signals. None without faces."""
+        crops = [c for loc in located for c in loc.crops]
+        if not crops:
+            return None
+        pred, first_features = self._nets[0].predict(np.stack(crops), self.batch_size, features=True)
+        transforms = [t for loc in located for t in loc.transforms]
+        first = np.stack([t.to_image(p) for t, p in zip(transforms, pred, strict=True)]).astype(np.float32)
+        passes: list[np.ndarray] = []
+        features = np.zeros((len(first), 0), np.float32)
+        if self.refines:
+            contexts = np.stack([c for loc in located for c in loc.contexts])
+            ctx_t = [t for loc in located for t in loc.context_transforms]
+            kp_ctx = [t.to_crop(k) for t, k in zip(ctx_t, first, strict=True)]
+            feats: list[np.ndarray] = []
+
+            def stage2(x: np.ndarray) -> np.ndarray:
+                kp, f = self._nets[1].predict(x, self.batch_size, features=True)
+                feats[:] = [f]
+                return kp
+
+            trace: list[np.ndarray] = []
+            al.refine_passes(stage2, contexts, kp_ctx, self.align, self._nets[1].size, trace=trace)
+            passes = [
+                np.stack([t.to_image(k) for t, k in zip(ctx_t, p, strict=True)]).astype(np.float32) for p in trace
+            ]
+            features = feats[0]
+        boxes = [b for loc in located for b in loc.boxes]
+        per_face = [(loc, len(loc.boxes)) for loc in located]
+        if self.mean_shape is None:
+            return Analysis(passes[-1] if passes else first, first, passes, features, None, first_features)
+        sig = tr.signals(
+            first.astype(np.float64),
+            [p.astype(np.float64) for p in passes],
+            boxes,
+            np.array([s for loc in located for s in loc.scores], np.float64),
+            np.array([loc.fallback for loc, n in per_face for _ in range(n)]),
+            np.array([loc.image_side for loc, n in per_face for _ in range(n)], np.float64),
+            np.array([n for _, n in per_face for _ in range(n)], np.float64),
+            self.mean_shape,
+        )
+        return Analysis(passes[-1] if passes else first, first, passes, features, sig, first_features)
 
     def predict(self, grays: Sequence[np.ndarray], boxes: Sequence[list[Box]] | None = None) -> list[list[Face]]:
         """Every face of each grayscale image with its 68 keypoints (or the faces in the given ``boxes``)."""
@@ -197,6 +287,7 @@ def _cached(uri: str, config_digest: str, refine: bool, backend: str) -> Predict
         align=loaded.align,
         detector=loaded.detector,
         checkpoint=loaded,
+        trust=loaded.trust if loaded.refine is not None else None,
     )
 
 
@@ -208,21 +299,53 @@ class _Net:
         self.size = model.cfg.input_size
         self.num_keypoints = model.cfg.num_keypoints
         self.session = _onnx_session(self.model) if backend == "onnx" else None
+        self._hook_lock = threading.Lock()
 
     @torch.inference_mode()
-    def predict(self, crops: np.ndarray, batch_size: int) -> np.ndarray:
+    def predict(self, crops: np.ndarray, batch_size: int, features: bool = False):
+        """Crop-pixel keypoints (N, 68, 2); with ``features`` also the last hidden layer (N, 1000) float32."""
         if len(crops) == 0:
-            return np.zeros((0, self.num_keypoints, 2), np.float32)
-        out = []
+            kp = np.zeros((0, self.num_keypoints, 2), np.float32)
+            return (kp, np.zeros((0, DENSE_WIDTH), np.float32)) if features else kp
+        out, hidden = [], []
         for start in range(0, len(crops), batch_size):
             # (B, 1, S, S) float32 in [0, 1]
             x = crops[start : start + batch_size, None].astype(np.float32) * np.float32(1.0 / 255.0)
             if self.session is not None:
-                out.append(self.session.run(None, {"x": x})[0])
+                y, h = self.session.run(None, {"x": x})
+            elif features:
+                y, h = self._eager_with_features(torch.from_numpy(x))
             else:
-                out.append(self.model(torch.from_numpy(x)).numpy())
+                y, h = self.model(torch.from_numpy(x)).numpy(), None
+            out.append(y)
+            hidden.append(h)
         pred = np.concatenate(out).reshape(len(crops), -1, 2)  # (N, 68, 2) in [-1, 1]
-        return denormalise(pred, self.size).astype(np.float32)
+        kp = denormalise(pred, self.size).astype(np.float32)
+        return (kp, np.concatenate(hidden)) if features else kp  # hidden holds None here without features
+
+    def _eager_with_features(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """The model's own forward (so a subclass's is honoured), its last hidden layer caught by a hook."""
+        caught: list[torch.Tensor] = []
+        with self._hook_lock:
+            handle = self.model.head[4].register_forward_hook(lambda _m, _i, out: caught.append(out))
+            try:
+                y = self.model(x)
+            finally:
+                handle.remove()
+        h = caught[0] if caught else torch.zeros(len(x), DENSE_WIDTH)
+        return y.numpy(), h.numpy()
+
+
+class _WithFeatures(torch.nn.Module):
+    """NaimishNet's forward pass that also returns its last hidden layer (the input of the keypoint output)."""
+
+    def __init__(self, model: NaimishNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.model.head[:5](self.model.features(x))  # Flatten, Linear, ELU, Dropout, Linear
+        return self.model.head[5:](h), h
 
 
 def _onnx_session(model: NaimishNet):
@@ -237,12 +360,12 @@ def _onnx_session(model: NaimishNet):
     with _EXPORT_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its own deprecation
         torch.onnx.export(
-            model,
+            _WithFeatures(model),
             torch.zeros(1, 1, size, size),
             buf,
             input_names=["x"],
-            output_names=["y"],
-            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+            output_names=["y", "h"],
+            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}, "h": {0: "batch"}},
             dynamo=False,
         )
     opts = ort.SessionOptions()

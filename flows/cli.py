@@ -356,7 +356,8 @@ def show(
     png: Annotated[Path | None, typer.Option(help="Where to write the picture")] = None,
     run_id: Annotated[str | None, typer.Option(help="Only this run's keypoints")] = None,
 ) -> None:
-    """Draw an image's boxes and keypoints from OUT to a PNG."""
+    """Draw an image's boxes and keypoints from OUT to a PNG, each face coloured by its quality (green: keypoints
+    likely right, through yellow, to red: P(NME > 0.10) of 0.5 or more) and labelled with quality and face_prob."""
     from fkd_core.image_io import read_gray
     from fkd_core.parquet_io import keypoints_from_column
     from fkd_core.plots import draw_faces, png_bytes
@@ -391,7 +392,20 @@ def show(
     kx, ky = keypoints_from_column(faces.column("keypoints_x")), keypoints_from_column(faces.column("keypoints_y"))
     import numpy as np
 
-    img = draw_faces(read_gray(uri).gray, boxes, [np.stack([x, y], axis=1) for x, y in zip(kx, ky, strict=True)])
+    names = set(faces.column_names)
+    quality = faces.column("quality").to_pylist() if "quality" in names else [None] * len(boxes)
+    face_prob = faces.column("face_prob").to_pylist() if "face_prob" in names else [None] * len(boxes)
+    labels = [
+        f"#{i} q {q:.2f} face {p:.2f}" if q is not None and p is not None else f"#{i}"
+        for i, (q, p) in enumerate(zip(quality, face_prob, strict=True))
+    ]
+    img = draw_faces(
+        read_gray(uri).gray,
+        boxes,
+        [np.stack([x, y], axis=1) for x, y in zip(kx, ky, strict=True)],
+        quality=quality,
+        labels=labels,
+    )
     target = png or Path(uri.rsplit("/", 1)[-1].rsplit(".", 1)[0] + "_keypoints.png")
     target.write_bytes(png_bytes(img))
     typer.echo(f"{target}: {len(boxes)} face(s) from run {latest}")

@@ -8,7 +8,15 @@ from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fkd_core.evaluate import FaceResult, evaluate_rows, face_yaw, results_table, worst_montage
+from fkd_core.evaluate import (
+    FaceResult,
+    evaluate_rows,
+    face_yaw,
+    results_table,
+    risk_coverage_png,
+    trust_metrics,
+    worst_montage,
+)
 from fkd_core.examples import LabelledRow, assign_split
 from fkd_core.image_io import check_bucket, check_exists, join_uri
 from fkd_core.metrics import by_pose, summarise
@@ -27,7 +35,7 @@ class EvaluateConfig(BaseModel):
 
     csv: str = Field(description="Keypoints CSV (same format as ingest)")
     images: str = Field(description="Directory or bucket prefix of the CSV's images")
-    out: str = Field(description="Where metrics.json, faces.parquet and worst.png are written")
+    out: str = Field(description="Where metrics.json, faces.parquet, worst.png and risk_coverage.png are written")
     model: str | None = Field(None, description=f"Checkpoint (.safetensors); {SERVED_MODEL}")
     split: str = Field("all", pattern="^(all|train|val)$", description="Score all rows or one split of them")
     split_by: str | None = Field(None, pattern="^(person|frame)$", description="Default: the checkpoint's")
@@ -93,13 +101,33 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "seed": seed,
         "metrics": metrics,
         "by_pose": pose,
+        "trust": trust_metrics(results, loaded.trust.face_threshold if loaded.trust else None),
     }
     write_json(doc, join_uri(cfg.out, "metrics.json"))
     write_table(results_table(results), join_uri(cfg.out, "faces.parquet"))
+    curve = risk_coverage_png(results, f"{loaded.model_id}, {cfg.split} split by {split_by}")
+    if curve is not None:
+        write_bytes(curve, join_uri(cfg.out, "risk_coverage.png"))
     if cfg.worst and matched:
         write_bytes(png_bytes(worst_montage(results, cfg.images, cfg.worst)), join_uri(cfg.out, "worst.png"))
     row = {"model": loaded.model_id, "split": f"{cfg.split} ({split_by})", "pose": "all", **metrics}
     rows = [row] + [{"model": loaded.model_id, "split": row["split"], **p} for p in pose]
     create_table_artifact(key="evaluate-metrics", table=rows, description="fkd end-to-end metrics, by pose")
     log.info("metrics:\n%s", markdown_table(rows))
+    fitted = (loaded.meta.get("trust") or {}).get("report", {}).get("quality", {}).get("person-grouped folds")
+    if doc["trust"] and fitted:
+        # the shipped heads were fitted on every labelled face of the training data: scoring them on those faces
+        # is in-sample; the record holds the cross-validated figures
+        doc["trust"]["heads_cross_validated_auroc"] = fitted["auroc"]
+        log.warning(
+            "the trust heads of %s were fitted on labelled faces of its training data; if this CSV holds them, the "
+            "quality figures here are in-sample (cross-validated AUROC on its held-out people: %.3f)",
+            loaded.model_id,
+            fitted["auroc"],
+        )
+    if doc["trust"]:
+        create_table_artifact(
+            key="evaluate-trust", table=[doc["trust"]], description="how well quality sorts out the failures"
+        )
+        log.info("trust:\n%s", markdown_table([doc["trust"]]))
     return doc

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -358,7 +359,7 @@ def test_model_card_names_the_shipped_checkpoint():
     """The model card's metrics are for the checkpoint that ships: its heading must name that model id."""
     from fkd_core.checkpoint import load_checkpoint
 
-    heading = re.search(r"### Shipped checkpoint: `([^`]+)`", (ROOT / "docs" / "model.md").read_text())
+    heading = re.search(r"### Shipped checkpoint: `([^`]+)`", (ROOT / "docs" / "model-card.md").read_text())
     assert heading is not None and heading.group(1) == load_checkpoint().model_id
 
 
@@ -391,17 +392,18 @@ def test_readme_downstream_queries_run_on_real_output(tmp_path, sample_dir):
     from flows.annotate import annotate
 
     out = tmp_path / "out"
-    annotate(source=str(sample_dir / "photos"), out=str(out), model=str(DEFAULT_MODEL), run_id="r1")
+    # all-digit run ids: readers that type partitions by their look would make run_id a number
+    annotate(source=str(sample_dir / "photos"), out=str(out), model=str(DEFAULT_MODEL), run_id="2024")
     broken = tmp_path / "more"
     broken.mkdir()
     (broken / "broken.jpg").write_bytes(b"nope")
-    annotate(source=str(broken), out=str(out), model=str(DEFAULT_MODEL), run_id="r2")
+    annotate(source=str(broken), out=str(out), model=str(DEFAULT_MODEL), run_id="2025")
     section = (ROOT / "README.md").read_text().split("## Querying the output", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(blocks) >= 3
+    assert len(blocks) >= 2
     ns: dict = {"OUT": str(out)}
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), ns)  # noqa: S102
+        exec(compile(block, "README.md", "exec"), ns)
     # the README's queries leave their answers in these names
     faces_per_image = ns["faces_per_image"]
     assert dict(zip(faces_per_image["name"], faces_per_image["n_faces"], strict=True)) == {
@@ -411,9 +413,37 @@ def test_readme_downstream_queries_run_on_real_output(tmp_path, sample_dir):
     }
     errors = ns["errors"]
     assert list(errors["image_uri"].str.rsplit("/", n=1).str[-1]) == ["broken.jpg"] and errors["error"][0]
+    assert list(errors["run_id"]) == ["2025"]  # text in pandas, polars and DuckDB alike
+    assert ns["polars_faces"]["run_id"].to_list() == ["2024"] * 7
+    assert list(faces_per_image["run_id"]) == ["2024"] * 3
     one_face = ns["one_face"]
     assert one_face.shape == (68, 2)
     assert ns["polars_faces"].height == 7
+    # faces you can trust: DuckDB and pandas agree, and both are the faces whose columns pass the thresholds
+    faces = ns["polars_faces"]
+    expected = {
+        (u, i)
+        for u, i, p, q in faces.select("image_uri", "face_index", "face_prob", "quality").iter_rows()
+        if p >= 0.5 and q <= 0.1
+    }
+    trusted = ns["trusted"]
+    assert set(zip(trusted["image_uri"], trusted["face_index"], strict=True)) == expected
+    assert set(zip(ns["trusted_pd"]["image_uri"], ns["trusted_pd"]["face_index"], strict=True)) == expected
+    # the turned Beatle, whose keypoints fail, is not among them; the Obamas are
+    assert 0 < len(expected) < 7 and sum(u.endswith("obamas.jpg") for u, _ in expected) == 2
+
+
+def test_readme_library_example_runs(tmp_path, sample_dir, monkeypatch):
+    """The README's "As a library" lines run as written, on a group photo, and keep only the trusted faces."""
+    text = (ROOT / "README.md").read_text().split("As a library:", 1)[1]
+    block = re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
+    shutil.copy(sample_dir / "photos" / "the_beatles.jpg", tmp_path / "group.jpg")
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(block, "README.md", "exec"), ns)
+    faces, good = ns["faces"], ns["good"]
+    assert len(faces) == 4 and all(k.shape == (68, 2) for k in good)
+    assert len(good) == sum(f.face_prob >= 0.5 and f.quality <= 0.1 for f in faces) == 3
 
 
 def test_constraints_pin_every_dependency_inside_its_range():

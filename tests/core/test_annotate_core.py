@@ -29,12 +29,12 @@ def test_shard_statuses_and_keypoints_in_original_pixels(corrupt_dir, tmp_path):
     assert [im.uri for im in images] == uris
     for bad in ("truncated.jpg", "empty.jpg", "not_an_image.png", "garbage.jpg", "bomb.png"):
         im = by_name[bad]
-        assert im.status == "error" and im.error and im.boxes == [] and im.keypoints == []
+        assert im.status == "error" and im.error and im.boxes == [] and im.faces == []
     assert by_name["blank.png"].status == "no_face"
     obamas = by_name["obamas.jpg"]
     h, w = cv2.imread(str(corrupt_dir / "obamas.jpg")).shape[:2]
     assert obamas.status == "ok" and len(obamas.boxes) == 2 and (obamas.width, obamas.height) == (w, h)
-    for box, kp in zip(obamas.boxes, obamas.keypoints, strict=True):
+    for box, kp in zip(obamas.boxes, [f.keypoints for f in obamas.faces], strict=True):
         # normalised (0, 0) is the centre of the crop square (box centre moved down by shift_y * h); keypoints
         # count pixels by index, whose centres sit half a pixel inside the continuous box edges
         assert np.allclose(kp, [box.cx - 0.5, box.cy + CropPolicy().shift_y * box.h - 0.5], atol=0.01)

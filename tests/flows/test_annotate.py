@@ -62,6 +62,12 @@ def test_bad_files_become_error_rows_and_the_batch_goes_on(tmp_path, corrupt_dir
         assert x - 0.5 * w < centre[0] < x + 1.5 * w and y - 0.5 * h < centre[1] < y + 1.5 * h, uri
     ok = pc.equal(images.column("status"), "ok")
     assert all(len(s) == 64 for s in pc.filter(images.column("sha256"), ok).to_pylist())
+    # every face says how far to trust it: the shipped model has the heads, so no trust column is null
+    for col in ("det_score", "yaw", "face_prob", "quality"):
+        values = np.array(faces.column(col).to_pylist(), dtype=float)
+        assert np.all(np.isfinite(values)), col
+    assert np.all((0 <= faces.column("quality").to_numpy()) & (faces.column("quality").to_numpy() <= 1))
+    assert np.all(faces.column("det_score").to_numpy() > 0)
     run = json.loads((out / "runs" / "mixed.json").read_text())
     assert run["status"] == "completed" and run["counts_this_attempt"]["error"] == 5
     assert run["model_id"] == faces.column("model_id")[0].as_py()

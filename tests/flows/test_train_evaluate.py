@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from fkd_core import trust as tr
 from fkd_core.checkpoint import load_checkpoint, save_checkpoint
 from fkd_core.detect import DetectorConfig
 from fkd_core.errors import UserError
@@ -89,6 +90,15 @@ def test_evaluate_scores_the_shipped_model_end_to_end(tmp_path, sample_dir, samp
     assert np.mean(matched) == pytest.approx(m["nme_mean"])
     worst = cv2.imread(str(tmp_path / "worst.png"))
     assert worst is not None and worst.shape[1] == 6 * 200
+    # how well quality sorts out the failures, from the per-face Parquet's own columns
+    trust = doc["trust"]
+    quality = np.array(faces.column("quality").to_pylist(), dtype=float)
+    has = np.isfinite(quality)
+    failed = np.array([n is not None and n > 0.10 for n in faces.column("nme").to_pylist()])
+    assert trust["quality_auroc"] == pytest.approx(tr.auroc(quality[has], failed[has]))
+    assert trust["fr@0.10 at 100% coverage"] == pytest.approx(failed[has].mean())
+    assert trust["fr@0.10 at 80% coverage"] == pytest.approx(tr.failure_rate_at(quality[has], failed[has], 0.8))
+    assert cv2.imread(str(tmp_path / "risk_coverage.png")) is not None
     # the pose breakdown partitions the faces, and agrees with the per-face Parquet
     pose = {p["pose"]: p for p in doc["by_pose"]}
     frontal, profile = pose["frontal (yaw within ±0.5)"], pose["turned (yaw beyond ±0.5)"]
