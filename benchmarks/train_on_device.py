@@ -33,8 +33,8 @@ from pathlib import Path
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
+import cv2
+import numpy as np
 
 # Recipes: split, where stage 1 comes from ("scratch" or the shipped checkpoint's), stage 2's start ("stage1"'s
 # weights or the shipped refining stage's), its alignment noise, learning rate, epochs and seed.
@@ -268,20 +268,26 @@ def main(
         except Exception as exc:  # a measurement only: never lose the weights over it
             print("ensemble failed:", exc)
     for split in ("person", "frame"):
-        done = [n for n in logs if RUNS[n]["split"] == split]
-        if not done:
-            continue
-        best = min(done, key=lambda n: logs[n]["val_nme"])
-        print(f"best {split}: {best} {logs[best]['val_nme']:.4f}")
-        keep = [(best, "stage1"), (best, "stage2")]
-        if split == "person" and RUNS[best]["stage1"] == "shipped" and len(on_shipped) > 1:
-            keep = [(on_shipped[0], "stage2"), (on_shipped[1], "stage2")]
-        for i, (n, stage) in enumerate(keep):
-            f = Path(out) / "work" / n / f"{stage}.safetensors"
-            if f.exists():
-                shutil.copy(f, Path(out) / f"{split}_{i}_{n}_{stage}.safetensors")
+        keep_best(out, logs, split, on_shipped)
     (Path(out) / "runs.json").write_text(json.dumps(summary))
     shutil.rmtree(Path(out) / "work")
+
+
+def keep_best(out: str, logs: dict, split: str, on_shipped: list[str]) -> None:
+    """Copy the best run's stage weights of ``split`` out of the work directory (for the shipped first stage: the
+    best two refining stages)."""
+    done = [n for n in logs if RUNS[n]["split"] == split]
+    if not done:
+        return
+    best = min(done, key=lambda n: logs[n]["val_nme"])
+    print(f"best {split}: {best} {logs[best]['val_nme']:.4f}")
+    keep = [(best, "stage1"), (best, "stage2")]
+    if split == "person" and RUNS[best]["stage1"] == "shipped" and len(on_shipped) > 1:
+        keep = [(on_shipped[0], "stage2"), (on_shipped[1], "stage2")]
+    for i, (n, stage) in enumerate(keep):
+        f = Path(out) / "work" / n / f"{stage}.safetensors"
+        if f.exists():
+            shutil.copy(f, Path(out) / f"{split}_{i}_{n}_{stage}.safetensors")
 
 
 def assemble(

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from fkd_core.geometry import affine_points, normalise
-from fkd_core.types import FLIP_PERMUTATION
+from fkd_core.geometry import affine_points, flip_horizontal, normalise
 
 
 @dataclass(frozen=True)
@@ -82,9 +81,7 @@ def sample_batch(
         img = img.astype(np.float32) * (1.0 / 255.0)
         if rng is not None:
             if rng.random() < aug.flip:
-                img = img[:, ::-1]
-                kp[:, 0] = (size - 1) - kp[:, 0]
-                kp = kp[FLIP_PERMUTATION]
+                img, kp = flip_horizontal(img, kp)
             if aug.contrast or aug.brightness:
                 img = jitter_intensity(img, rng, aug.brightness, aug.contrast)
         x[j, 0] = img

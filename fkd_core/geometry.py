@@ -22,7 +22,7 @@ class CropPolicy:
     ``scale`` multiplies the box's longer side; ``shift_y`` moves the centre down by that fraction of the box
     height (Haar boxes sit high on the face: the chin lies below them). Measured on the training set: the
     keypoints span about 0.88 of the Haar box side and their centre sits 0.12 box heights below its centre.
-    1.3 leaves the face about two thirds of the crop (a model trained with 1.5 scored worse, see README).
+    1.3 leaves the face about two thirds of the crop (a model trained with 1.5 scored worse, docs/experiments.md).
     Checkpoints carry the policy they were trained with; this default is what ingest uses.
     """
 

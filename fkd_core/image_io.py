@@ -234,19 +234,7 @@ def list_source(uri: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Lis
             return Listing([_local_file(path, os.stat(path))], [])
         if not os.path.isdir(path):
             check_exists(uri, "source", directory=True)  # a missing path: refused, naming it
-        for p, st in _walk_local(path, skipped):
-            try:
-                p.encode("utf-8")
-            except UnicodeEncodeError:  # bytes that are no UTF-8 cannot be a URI in the tables: say so instead
-                skipped.append((p.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "name is not UTF-8"))
-                continue
-            named = p.lower().endswith(exts)
-            if st is None:
-                (images.append(SourceFile(p)) if named else skipped.append((p, "broken link")))
-            elif not stat.S_ISREG(st.st_mode):
-                (images.append(SourceFile(p, None, None)) if named else skipped.append((p, _kind(st.st_mode))))
-            else:
-                (images if named else unknown).append(_local_file(p, st))
+        _list_local(path, exts, images, skipped, unknown)
     else:
         if fs.isfile(path):
             info = fs.info(path)
@@ -265,6 +253,23 @@ def list_source(uri: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Lis
         else:
             skipped.append((f.uri, "not an image (no image extension, no image signature)"))
     return Listing(sorted(images, key=lambda f: f.uri), sorted(skipped))
+
+
+def _list_local(path: str, exts: tuple[str, ...], images: list, skipped: list, unknown: list[SourceFile]) -> None:
+    """Sort a local tree's files into images (by name), skipped (with reasons) and unknown (to sniff)."""
+    for p, st in _walk_local(path, skipped):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are no UTF-8 cannot be a URI in the tables: say so instead
+            skipped.append((p.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "name is not UTF-8"))
+            continue
+        named = p.lower().endswith(exts)
+        if st is None:
+            (images.append(SourceFile(p)) if named else skipped.append((p, "broken link")))
+        elif not stat.S_ISREG(st.st_mode):
+            (images.append(SourceFile(p, None, None)) if named else skipped.append((p, _kind(st.st_mode))))
+        else:
+            (images if named else unknown).append(_local_file(p, st))
 
 
 def _local_file(path: str, st: os.stat_result) -> SourceFile:
@@ -286,7 +291,7 @@ def _heads(uris: list[str]) -> list[bytes | Exception]:
         try:
             fs, p = split_uri(u)
             return fs.cat_file(p, start=0, end=SNIFF_BYTES)
-        except Exception as e:  # noqa: BLE001 - one unreadable file is that file's reason
+        except Exception as e:  # one unreadable file is that file's reason
             return e
 
     if len(uris) < 8:
@@ -331,7 +336,7 @@ def read_bytes(uri: str, max_bytes: int = DEFAULT_MAX_BYTES, max_seconds: float 
         raise
     except FileNotFoundError as e:
         raise ImageError(f"not found: {uri}") from e
-    except Exception as e:  # noqa: BLE001 - whatever reading one file raises is that file's reason
+    except Exception as e:  # whatever reading one file raises is that file's reason
         raise ImageError(f"unreadable: {stable_reason(f'{type(e).__name__}: {e}')}") from e
     if len(data) > max_bytes:
         raise ImageError(f"file larger than {max_bytes} bytes")

@@ -488,69 +488,80 @@ class Lease:
         self._prepare()
         seen: dict | None = None
         for _ in range(_MAX_ROUNDS):
-            entries = self._store.list()
-            if entries:
-                top = entries[-1]
-                try:
-                    raw = self._store.read(top.key)
-                except FileNotFoundError:
-                    continue  # released or cleaned up since the listing: look again
-                rec = _parse_record(raw)
-                if rec is None:
-                    # maybe a writer's first bytes (O_EXCL fallback), maybe a dead one's: held until ttl old
-                    age = time.time() - top.modified
-                    if age <= self.ttl + self._store.mtime_resolution:
-                        seen = {
-                            "holder": None,
-                            "generation": top.generation,
-                            "unreadable": f"{len(raw)} bytes that are not a lease record",
-                            "modified_at": _iso(dt.datetime.fromtimestamp(top.modified, dt.UTC)),
-                            "expires_at": _iso(dt.datetime.fromtimestamp(top.modified + self.ttl, dt.UTC)),
-                        }
-                        return False, seen
-                else:
-                    rec = {**rec, "generation": top.generation}
-                    if (
-                        not rec.get("released")
-                        and _now() < _parse_time(rec["expires_at"])
-                        and not holder_died_here(rec)
-                    ):
-                        return False, rec
-                generation = top.generation + 1
-            else:
-                generation = 1
-            token = uuid.uuid4().hex
-            rec, expires = self._new_record(generation, token)
-            data = json.dumps(rec, sort_keys=True).encode()
-            key = self._store.path(generation)
-            won = self._store.create(key, data)
-            if not won:
-                # Someone else made this generation, or a retried PUT of ours found our own first attempt.
-                try:
-                    won = (_parse_record(self._store.read(key)) or {}).get("token") == token
-                except FileNotFoundError:
-                    won = False
-            if not won:
-                continue  # re-list: the winner is now the newest
-            # A listing that raced other writers may have missed a newer generation: if one exists, step back.
-            after = self._store.list()
-            if any(e.generation > generation for e in after):
-                try:
-                    self._store.delete(key)  # not the newest record, so nobody's lease depends on it
-                except Exception:
-                    pass
+            state, generation, holder = self._newest()
+            if state == "retry":
                 continue
-            self._token, self._generation, self._record, self._expires = token, generation, rec, expires
-            self._lost = None
-            self._stop = threading.Event()
-            for e in after:  # best effort; the predecessor stays for listers racing this create (module doc)
-                if e.generation < generation - 1:
-                    try:
-                        self._store.delete(e.key)
-                    except Exception:
-                        pass
-            return True, dict(rec)
+            if state == "held":
+                return False, holder
+            won = self._create(generation)
+            if won is not None:
+                return True, won
         return False, seen
+
+    def _newest(self) -> tuple[str, int, dict | None]:
+        """The newest record: ("held", its generation, holder) while it binds, ("free", the next generation, None)
+        when it is absent, released or expired, or ("retry", 0, None) when it vanished since the listing."""
+        entries = self._store.list()
+        if not entries:
+            return "free", 1, None
+        top = entries[-1]
+        try:
+            raw = self._store.read(top.key)
+        except FileNotFoundError:
+            return "retry", 0, None  # released or cleaned up since the listing: look again
+        rec = _parse_record(raw)
+        if rec is None:
+            # maybe a writer's first bytes (O_EXCL fallback), maybe a dead one's: held until ttl old
+            if time.time() - top.modified <= self.ttl + self._store.mtime_resolution:
+                return (
+                    "held",
+                    top.generation,
+                    {
+                        "holder": None,
+                        "generation": top.generation,
+                        "unreadable": f"{len(raw)} bytes that are not a lease record",
+                        "modified_at": _iso(dt.datetime.fromtimestamp(top.modified, dt.UTC)),
+                        "expires_at": _iso(dt.datetime.fromtimestamp(top.modified + self.ttl, dt.UTC)),
+                    },
+                )
+        else:
+            rec = {**rec, "generation": top.generation}
+            if not rec.get("released") and _now() < _parse_time(rec["expires_at"]) and not holder_died_here(rec):
+                return "held", top.generation, rec
+        return "free", top.generation + 1, None
+
+    def _create(self, generation: int) -> dict | None:
+        """Create ``generation``'s record; this object's record if it now holds the lease, else None (look again)."""
+        token = uuid.uuid4().hex
+        rec, expires = self._new_record(generation, token)
+        key = self._store.path(generation)
+        won = self._store.create(key, json.dumps(rec, sort_keys=True).encode())
+        if not won:
+            # Someone else made this generation, or a retried PUT of ours found our own first attempt.
+            try:
+                won = (_parse_record(self._store.read(key)) or {}).get("token") == token
+            except FileNotFoundError:
+                won = False
+        if not won:
+            return None  # re-list: the winner is now the newest
+        # A listing that raced other writers may have missed a newer generation: if one exists, step back.
+        after = self._store.list()
+        if any(e.generation > generation for e in after):
+            self._delete_quietly(key)  # not the newest record, so nobody's lease depends on it
+            return None
+        self._token, self._generation, self._record, self._expires = token, generation, rec, expires
+        self._lost = None
+        self._stop = threading.Event()
+        for e in after:  # best effort; the predecessor stays for listers racing this create (module doc)
+            if e.generation < generation - 1:
+                self._delete_quietly(e.key)
+        return dict(rec)
+
+    def _delete_quietly(self, key: str) -> None:
+        try:
+            self._store.delete(key)
+        except Exception:
+            pass
 
     def try_acquire(self) -> bool:
         """Take the lease if it is free or expired; never waits. False if another process holds it (its record is

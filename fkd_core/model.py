@@ -1,4 +1,4 @@
-"""NaimishNet (Agarwal et al. 2017), exactly as the layer table in DESIGN.md."""
+"""NaimishNet (Agarwal et al. 2017), exactly as the layer table in docs/design.md."""
 
 from __future__ import annotations
 

@@ -86,7 +86,7 @@ class RunRecord:
                         return
                     self.doc["heartbeat_at"] = utcnow().isoformat()
                     write_json(self.doc, self.uri)
-            except Exception as e:  # noqa: BLE001 - a missed beat is not worth stopping the run for
+            except Exception as e:  # a missed beat is not worth stopping the run for
                 if self._on_error is not None:
                     self._on_error(e)
 

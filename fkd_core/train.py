@@ -206,66 +206,26 @@ def fit(
     ``device`` is where the model trains ("cuda" on a GPU machine); batches are sampled on the CPU either way
     and the model comes back on the CPU. Deterministic for a seed on a given device.
     """
-    if params.schedule not in ("plateau", "cosine"):
-        raise ValueError(f"schedule must be 'plateau' or 'cosine', got {params.schedule!r}")
-    if not 0.0 <= params.ema_decay < 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1), got {params.ema_decay}")
+    _check(params)
     seed_everything(params.seed)
     model = model or NaimishNet(model_cfg)
     # channels-last convolutions are about 1.4x faster on x86 CPUs for this network (benchmarks/bench_model.py)
     model = model.to(device=device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=params.lr, betas=params.betas, eps=params.eps)
-    crops, kps = train
-    n = len(crops)
-    if n == 0:
+    if len(train[0]) == 0:
         raise ValueError("no training examples")
-    steps_per_epoch = math.ceil(n / params.batch_size)
-    if params.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=params.epochs * steps_per_epoch, eta_min=params.min_lr
-        )
-    else:
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min", factor=0.5, patience=params.lr_patience, min_lr=params.min_lr
-        )
+    sched = _scheduler(opt, params, math.ceil(len(train[0]) / params.batch_size))
     # With an average, both it and the raw weights are validated every epoch, and the better is what is kept.
     ema = None
     if params.ema_decay > 0:
         ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=_ema_update(params.ema_decay, params.ema_warmup))
-    loss_fn = nn.MSELoss()
     rng = np.random.default_rng(params.seed)
     history = History()
     best_state, best_score, since_best = None, math.inf, 0
     for epoch in range(1, params.epochs + 1):
         t0 = time.perf_counter()
-        model.train()
-        order = rng.permutation(n)
-        total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-        for start in range(0, n, params.batch_size):
-            idx = order[start : start + params.batch_size]
-            x, y = _batch(crops, kps, idx, model.cfg.input_size, inner, rng, params.augment, align)
-            opt.zero_grad(set_to_none=True)
-            xb = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
-            loss = loss_fn(model(xb), torch.from_numpy(y).to(device))
-            loss.backward()
-            opt.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            if params.schedule == "cosine":
-                sched.step()
-            total += loss.detach() * len(idx)  # summed on the device: no sync per step
-            count += len(idx)
-        train_mse = float(total) / count
-        raw = evaluate_arrays(model, *val, inner, align=align, first=val_first)
-        kept, (val_mse, val_nme), extra = model, raw, {}
-        if ema is not None:
-            averaged = evaluate_arrays(ema.module, *val, inner, align=align, first=val_first)
-            extra = dict(
-                averaged_val_mse=averaged[0], averaged_val_nme=averaged[1], raw_val_mse=raw[0], raw_val_nme=raw[1]
-            )
-            # early in a run the average still lags the weights; it is kept as soon as it validates as well
-            if not averaged[1] > raw[1]:  # (also when there is no validation set: NaN)
-                kept, (val_mse, val_nme), extra["weights"] = ema.module, averaged, "averaged"
+        train_mse = _train_epoch(model, opt, sched, ema, train, params, inner, rng, align, device)
+        kept, val_mse, val_nme, extra = _validate_epoch(model, ema, val, inner, align, val_first)
         score = val_nme if math.isfinite(val_nme) else train_mse
         if params.schedule == "plateau":
             sched.step(score)
@@ -287,6 +247,62 @@ def fit(
     model = model.to(device="cpu", memory_format=torch.contiguous_format)
     model.eval()
     return model, history
+
+
+def _check(params: TrainParams) -> None:
+    if params.schedule not in ("plateau", "cosine"):
+        raise ValueError(f"schedule must be 'plateau' or 'cosine', got {params.schedule!r}")
+    if not 0.0 <= params.ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {params.ema_decay}")
+
+
+def _scheduler(opt: torch.optim.Optimizer, params: TrainParams, steps_per_epoch: int):
+    """Cosine decay per step over the whole run, or halving on a validation plateau (stepped per epoch)."""
+    if params.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=params.epochs * steps_per_epoch, eta_min=params.min_lr
+        )
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=0.5, patience=params.lr_patience, min_lr=params.min_lr
+    )
+
+
+def _train_epoch(model, opt, sched, ema, train, params: TrainParams, inner, rng, align, device) -> float:
+    """One pass over the training examples in a random order; returns the epoch's mean training MSE."""
+    crops, kps = train
+    n = len(crops)
+    model.train()
+    loss_fn = nn.MSELoss()
+    order = rng.permutation(n)
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    for start in range(0, n, params.batch_size):
+        idx = order[start : start + params.batch_size]
+        x, y = _batch(crops, kps, idx, model.cfg.input_size, inner, rng, params.augment, align)
+        opt.zero_grad(set_to_none=True)
+        xb = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
+        loss = loss_fn(model(xb), torch.from_numpy(y).to(device))
+        loss.backward()
+        opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        if params.schedule == "cosine":
+            sched.step()
+        total += loss.detach() * len(idx)  # summed on the device: no sync per step
+        count += len(idx)
+    return float(total) / count
+
+
+def _validate_epoch(model, ema, val, inner, align, val_first) -> tuple[nn.Module, float, float, dict]:
+    """Validate the raw weights and, with an average, the averaged ones; the better is kept (and recorded)."""
+    raw = evaluate_arrays(model, *val, inner, align=align, first=val_first)
+    if ema is None:
+        return model, raw[0], raw[1], {}
+    averaged = evaluate_arrays(ema.module, *val, inner, align=align, first=val_first)
+    extra = dict(averaged_val_mse=averaged[0], averaged_val_nme=averaged[1], raw_val_mse=raw[0], raw_val_nme=raw[1])
+    # early in a run the average still lags the weights; it is kept as soon as it validates as well
+    if not averaged[1] > raw[1]:  # (also when there is no validation set: NaN)
+        return ema.module, averaged[0], averaged[1], extra | {"weights": "averaged"}
+    return model, raw[0], raw[1], extra
 
 
 @torch.inference_mode()

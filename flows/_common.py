@@ -22,7 +22,7 @@ def retry_if_transient(task, task_run, state) -> bool:
     """
     try:
         state.result()
-    except Exception as e:  # noqa: BLE001 - the failed task's own exception, classified below
+    except Exception as e:  # the failed task's own exception, classified below
         return is_transient(e)
     return False
 

@@ -377,7 +377,7 @@ def _annotate(cfg: AnnotateConfig, predictor: Predictor, run_id: str, log, lease
         status = "failed" if isinstance(e, Exception) else "interrupted"
         try:
             record.finish(status, error=_describe(e))
-        except Exception as write_error:  # noqa: BLE001 - the run's own error is the one to raise
+        except Exception as write_error:  # the run's own error is the one to raise
             log.warning("could not record run %s as %s: %s", run_id, status, write_error)
         raise
     seconds = time.perf_counter() - t0

@@ -197,7 +197,7 @@ def stop(runner) -> None:  # pragma: no cover - exercised by the served-deployme
                 client.set_flow_run_state(
                     fid, Scheduled(message="fkd serve stopped; resumes when served again"), force=True
                 )
-    except Exception as e:  # noqa: BLE001 - the zombie automation marks them Crashed if this cannot
+    except Exception as e:  # the zombie automation marks them Crashed if this cannot
         log.warning("could not reschedule the interrupted flow runs: %s", e)
     for handler in logging_handlers():  # Prefect's API log handler sends its queue
         handler.flush()

@@ -52,19 +52,19 @@ class TrainConfig(BaseModel):
         "cosine", description="cosine: decay the rate to min_lr over `epochs`; plateau: halve it when validation stalls"
     )
     min_lr: float = Field(1e-6, ge=0, description="Lowest learning rate of either schedule")
-    # Measured (README "The model"): averaging smooths the +-0.01 epoch-to-epoch swing of validation NME.
+    # Measured (docs/experiments.md): averaging smooths the +-0.01 epoch-to-epoch swing of validation NME.
     ema_decay: float = Field(
         0.998, ge=0, lt=1, description="> 0: validate and keep an exponential moving average of the weights"
     )
     ema_warmup: bool = Field(True, description="Warm the average's decay up from 0 (short and fine-tuning runs)")
     augment: bool = Field(True, description="Augment: brightness/contrast, plus the jitter, rotation and flip below")
-    # Measured (README "Augmentation, by measurement"): geometric jitter cost validation NME here, because every
+    # Measured (docs/experiments.md, "Augmentation"): geometric jitter cost validation NME here, because every
     # crop, in training and inference, comes from the same cascade's box; so it is off unless asked for.
     shift: float = Field(0.0, ge=0, le=0.5, description="Box jitter: centre moves up to this fraction of the side")
     scale: float = Field(0.0, ge=0, lt=1, description="Box jitter: side times U(1 - scale, 1 + scale)")
     rotate: float = Field(0.0, ge=0, le=90, description="Rotation up to +- this many degrees")
     # Measured: this data set's labels are not mirror-symmetric (the mean shape and its mirror differ by NME
-    # 0.077), and training with flips cost 0.006 validation NME against the same run without (README).
+    # 0.077), and training with flips cost 0.006 validation NME against the same run without (docs/experiments.md).
     flip: float = Field(0.0, ge=0, le=1, description="Probability of a horizontal flip (with augment)")
     max_train: int | None = Field(None, ge=1, description="Use only the first N training examples (smoke runs)")
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: all cores)")

@@ -22,7 +22,7 @@ def _at_once(fn, n: int = 4) -> tuple[list, list[BaseException]]:
         gate.wait()
         try:
             results.append(fn())
-        except BaseException as e:  # noqa: BLE001 - collected for the assertion
+        except BaseException as e:  # collected for the assertion
             errors.append(e)
 
     threads = [threading.Thread(target=run) for _ in range(n)]

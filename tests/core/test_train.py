@@ -28,22 +28,41 @@ def test_unaugmented_sample_is_the_inner_square():
 
 
 def test_augmented_keypoints_follow_the_pixels():
+    """Jittered crops move their keypoints with the pixels."""
     crops = np.zeros((1, 144, 144), np.uint8)
     kp = np.full((1, 68, 2), 72.0, np.float32)
     kp[0, 45] = [90.0, 60.0]
     crops[0, 58:63, 88:93] = 255
     rng = np.random.default_rng(5)
     for _ in range(10):
-        x, y = sample_batch(crops, kp, np.array([0]), 96, 1 / 1.5, rng, AugmentConfig(brightness=0, contrast=0))
-        pts = denormalise(y[0].reshape(68, 2), 96)
-        img = x[0, 0]
-        ys, xs = np.nonzero(img > 0.05)
-        w = img[ys, xs]
-        centroid = np.array([(xs * w).sum() / w.sum(), (ys * w).sum() / w.sum()])
-        dot = pts[45] if not np.allclose(pts[45], pts[0]) else pts[36]
-        # after a flip the dot's point is relabelled 36
-        near = min(np.abs(pts[45] - centroid).max(), np.abs(pts[36] - centroid).max())
-        assert near < 0.6, (dot, centroid)
+        aug = AugmentConfig(flip=0.0, brightness=0, contrast=0)
+        x, y = sample_batch(crops, kp, np.array([0]), 96, 1 / 1.5, rng, aug)
+        assert np.abs(denormalise(y[0].reshape(68, 2), 96)[45] - _bright_centroid(x[0, 0])).max() < 0.6
+
+
+def test_a_flipped_face_relabels_its_left_and_right_points():
+    """A mirrored face's right outer eye corner (45) becomes its left one (36): the label follows the mirror."""
+    crops = np.zeros((1, 144, 144), np.uint8)
+    kp = np.full((1, 68, 2), 72.0, np.float32)
+    kp[0, 45] = [90.0, 60.0]  # a dot right of centre, labelled 45
+    crops[0, 58:63, 88:93] = 255
+    aug = AugmentConfig(scale=0, shift=0, rotate_deg=0, flip=0.5, brightness=0, contrast=0)
+    rng = np.random.default_rng(3)
+    seen = set()
+    for _ in range(20):
+        x, y = sample_batch(crops, kp, np.array([0]), 96, 1 / 1.5, rng, aug)
+        pts, dot = denormalise(y[0].reshape(68, 2), 96), _bright_centroid(x[0, 0])
+        flipped = dot[0] < 47.5  # the dot crossed to the left of the crop's centre
+        seen.add(flipped)
+        label = 36 if flipped else 45
+        assert np.abs(pts[label] - dot).max() < 0.6 and np.abs(pts[81 - label] - dot).max() > 10
+    assert seen == {True, False}
+
+
+def _bright_centroid(img: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(img > 0.05)
+    w = img[ys, xs]
+    return np.array([(xs * w).sum() / w.sum(), (ys * w).sum() / w.sum()])
 
 
 def test_fit_is_deterministic_and_learns():

@@ -69,7 +69,7 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
 def s3_server(tmp_path_factory):
     """A moto S3 server on 127.0.0.1; sets the standard AWS variables so s3fs (and subprocesses) use it."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")  # noqa: SIM115
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
     proc = subprocess.Popen(
         [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         stdout=log,
@@ -125,7 +125,7 @@ def dask_cluster(tmp_path_factory):
                 [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
                 stdout=open(logdir / "scheduler.log", "w"),
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # noqa: SIM115
+                start_new_session=True,
             )
         )
         for i in range(2):
@@ -147,7 +147,7 @@ def dask_cluster(tmp_path_factory):
                     ],
                     stdout=open(logdir / f"worker{i}.log", "w"),
                     stderr=subprocess.STDOUT,
-                    start_new_session=True,  # noqa: SIM115
+                    start_new_session=True,
                 )
             )
         from distributed import Client

@@ -53,7 +53,7 @@ class Serve:
             [str(BIN / "fkd"), "serve", *args],
             env=env,
             cwd=tmp,
-            stdout=open(self.log, "w"),  # noqa: SIM115
+            stdout=open(self.log, "w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -329,7 +329,7 @@ def test_prefect_yaml_deploys_from_fkd_settings_and_a_worker_runs_it_without_a_c
         [prefect, "worker", "start", "--pool", "fkd-cpu"],
         env=env,
         cwd=work,
-        stdout=open(tmp_path / "worker.log", "w"),  # noqa: SIM115
+        stdout=open(tmp_path / "worker.log", "w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )

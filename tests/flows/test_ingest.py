@@ -56,13 +56,14 @@ def test_bad_rows_and_missing_images_are_refused_with_reasons(tmp_path, sample_d
     header, first, second = lines[0], lines[1], lines[2]
     vals = first.split(",")
     far = ",".join([vals[0], *vals[1:-1], "9999"])
+    not_a_number = ",".join([*vals[:5], "abc", *vals[6:]])  # column 5 (the third point's x) is not a number
     lines_out = [
         header,
         first,
         ",".join(second.split(",")[:-2]),
         "missing_person_00.jpg," + ",".join(vals[1:]),
         far,
-        first.replace(",", ",x", 1).replace(",x", ",", 1).replace(vals[5], "abc", 1),
+        not_a_number,
     ]
     csv = tmp_path / "bad.csv"
     csv.write_text("\n".join(lines_out) + "\n")
@@ -72,7 +73,7 @@ def test_bad_rows_and_missing_images_are_refused_with_reasons(tmp_path, sample_d
     assert "bad.csv row 3: 135 columns, expected 137" in refused
     assert "bad.csv row 4 (missing_person_00.jpg): not found" in refused
     assert "bad.csv row 5" in refused and "far outside" in refused
-    assert "bad.csv row 6: column" in refused and "not a number: 'abc'" in refused
+    assert "bad.csv row 6: column 5 is not a number: 'abc'" in refused
     assert report["rows_refused"] == 4
 
 
