@@ -135,15 +135,8 @@ def run(data: str, name: str, out: str, device: str = "cuda") -> None:
     log: dict = {"name": name, "spec": spec, "n_train": len(train[0]), "n_val": len(val[0])}
 
     def params(epochs: int, lr: float) -> TrainParams:
-        return TrainParams(
-            epochs=epochs,
-            lr=lr,
-            schedule="cosine",
-            min_lr=1e-6,
-            ema_decay=0.998,
-            patience=10**6,
-            seed=spec.get("seed", 0),
-        )
+        # the shipped recipe (the library's defaults), run to the end: no early stopping
+        return TrainParams(epochs=epochs, lr=lr, patience=10**6, seed=spec.get("seed", 0))
 
     if spec["stage1"] == "scratch":
         e1 = spec.get("epochs1", 100)
@@ -187,7 +180,7 @@ def seconds_per_epoch(data: str, device: str) -> dict:
 
     train, val = load(data, "person")
     inner = inner_fraction()
-    p = TrainParams(epochs=1, schedule="cosine", ema_decay=0.998)
+    p = TrainParams(epochs=1)
     fit((train[0][:320], train[1][:320]), (val[0][:32], val[1][:32]), params=p, inner=inner, device=device)
     out = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "torch": torch.__version__}
     for stage, kw in (("stage1", {}), ("stage2", {"align": AlignPolicy()})):
@@ -312,7 +305,8 @@ def assemble(
     from fkd_core.model import NaimishNet
     from fkd_core.parquet_io import read_examples
     from fkd_core.train import History
-    from flows.train import TrainConfig, checkpoint_record, data_fingerprint, val_nme
+    from fkd_core.train import checkpoint_val_nme as val_nme
+    from flows.train import TrainConfig, checkpoint_record, data_fingerprint
 
     doc = json.loads(Path(runs_json).read_text())
     log = doc["runs"][name]

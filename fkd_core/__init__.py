@@ -1,28 +1,45 @@
-"""fkd_core: the Prefect-free library behind fkd (image I/O, detection, crops, NaimishNet, training, Parquet)."""
+"""fkd_core: the Prefect-free library behind fkd (image I/O, detection, crops, NaimishNet, training, Parquet).
 
-from fkd_core.annotate import AnnotateSettings as AnnotateSettings
-from fkd_core.annotate import run_shard as run_shard
-from fkd_core.checkpoint import DEFAULT_MODEL as DEFAULT_MODEL
-from fkd_core.checkpoint import LoadedModel as LoadedModel
-from fkd_core.checkpoint import load_checkpoint as load_checkpoint
-from fkd_core.checkpoint import save_checkpoint as save_checkpoint
-from fkd_core.detect import DetectorConfig as DetectorConfig
-from fkd_core.detect import detect_faces as detect_faces
-from fkd_core.errors import CheckpointError as CheckpointError
-from fkd_core.errors import FkdError as FkdError
-from fkd_core.errors import ImageError as ImageError
-from fkd_core.errors import RowError as RowError
-from fkd_core.geometry import CropPolicy as CropPolicy
-from fkd_core.geometry import crop_square as crop_square
-from fkd_core.geometry import square_from_box as square_from_box
-from fkd_core.image_io import decode_gray as decode_gray
-from fkd_core.image_io import list_images as list_images
-from fkd_core.image_io import read_gray as read_gray
-from fkd_core.model import NaimishNet as NaimishNet
-from fkd_core.model import NaimishNetConfig as NaimishNetConfig
-from fkd_core.predict import Face as Face
-from fkd_core.predict import Predictor as Predictor
-from fkd_core.types import NUM_KEYPOINTS as NUM_KEYPOINTS
-from fkd_core.types import Box as Box
+The names below are imported on first use, so that importing one light module (``fkd_core.recipe``) does not
+pull in torch, OpenCV and ONNX Runtime.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "AnnotateSettings": "fkd_core.annotate",
+    "run_shard": "fkd_core.annotate",
+    "DEFAULT_MODEL": "fkd_core.checkpoint",
+    "LoadedModel": "fkd_core.checkpoint",
+    "load_checkpoint": "fkd_core.checkpoint",
+    "save_checkpoint": "fkd_core.checkpoint",
+    "DetectorConfig": "fkd_core.detect",
+    "detect_faces": "fkd_core.detect",
+    "CheckpointError": "fkd_core.errors",
+    "FkdError": "fkd_core.errors",
+    "ImageError": "fkd_core.errors",
+    "RowError": "fkd_core.errors",
+    "CropPolicy": "fkd_core.geometry",
+    "crop_square": "fkd_core.geometry",
+    "square_from_box": "fkd_core.geometry",
+    "decode_gray": "fkd_core.image_io",
+    "list_images": "fkd_core.image_io",
+    "read_gray": "fkd_core.image_io",
+    "NaimishNet": "fkd_core.model",
+    "NaimishNetConfig": "fkd_core.model",
+    "Face": "fkd_core.predict",
+    "Predictor": "fkd_core.predict",
+    "NUM_KEYPOINTS": "fkd_core.types",
+    "Box": "fkd_core.types",
+}
 
 __version__ = "0.1.0"
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fkd_core' has no attribute {name!r}")

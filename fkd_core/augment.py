@@ -6,28 +6,11 @@ is trained on what it sees at inference; augmentation jitters that square like a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import cv2
 import numpy as np
 
 from fkd_core.geometry import affine_points, flip_horizontal, normalise
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Ranges of the random jitter (uniform in +-range unless stated)."""
-
-    scale: float = 0.10  # square side x U(1 - scale, 1 + scale)
-    shift: float = 0.06  # centre moves by up to this fraction of the side, each axis
-    rotate_deg: float = 12.0
-    flip: float = 0.5  # probability
-    brightness: float = 0.15  # added, in [0, 1] intensity units
-    contrast: float = 0.25  # multiplied: U(1 - contrast, 1 + contrast)
-
-    @classmethod
-    def none(cls) -> AugmentConfig:
-        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+from fkd_core.recipe import AugmentConfig
 
 
 def sample_matrix(

@@ -17,13 +17,12 @@ from fkd_core.errors import CheckpointError
 from fkd_core.geometry import CropPolicy
 from fkd_core.model import NaimishNet, NaimishNetConfig
 from fkd_core.parquet_io import exists, read_json, write_bytes, write_json
-from fkd_core.resources import shipped_dir
+from fkd_core.resources import DEFAULT_MODEL, SAVED_MODELS
 from fkd_core.trust import TRUST_PREFIX, TrustHeads
 
 FORMAT = "fkd-naimishnet/1"
 REFINE_PREFIX = "refine."  # tensor names of the optional second (refining) stage in the same file
-SAVED_MODELS = shipped_dir("saved_models")
-DEFAULT_MODEL = SAVED_MODELS / "naimishnet.safetensors"
+__all__ = ["DEFAULT_MODEL", "SAVED_MODELS"]  # re-exported: the packaged checkpoint, as before
 
 
 @dataclass
@@ -129,22 +128,11 @@ def save_new_checkpoint(packed: PackedCheckpoint, out_dir: str, *, force: bool =
     return write_checkpoint(packed, f"{out_dir.rstrip('/')}/{packed.model_id}.safetensors", force=force)
 
 
-def save_checkpoint(
-    model: NaimishNet,
-    weights_uri: str,
-    *,
-    policy: CropPolicy,
-    detector: DetectorConfig,
-    meta: dict,
-    dtype: torch.dtype = torch.float16,
-    refine: NaimishNet | None = None,
-    align: AlignPolicy | None = None,
-) -> str:
-    """Write ``<name>.safetensors`` and ``<name>.json`` (replacing them if present); returns the model id."""
-    name = weights_uri.rsplit("/", 1)[-1][: -len(".safetensors")]
-    packed = pack_checkpoint(
-        model, name, policy=policy, detector=detector, meta=meta, dtype=dtype, refine=refine, align=align
-    )
+def save_checkpoint(model: NaimishNet, weights_uri: str, **pack) -> str:
+    """``pack_checkpoint(model, <file stem>, **pack)`` written as ``weights_uri`` and its JSON, replacing them if
+    present; returns the model id. For tools and tests that name their own file; the train flow never replaces
+    a checkpoint (:func:`save_new_checkpoint`)."""
+    packed = pack_checkpoint(model, weights_uri.rsplit("/", 1)[-1][: -len(".safetensors")], **pack)
     write_checkpoint(packed, weights_uri, force=True)
     return packed.model_id
 

@@ -178,12 +178,12 @@ def trust_metrics(results: list[FaceResult], face_threshold: float | None) -> di
         return {}
     quality = np.array([r.face.quality for r in matched])
     failed = np.array([r.nme > tr.FAILURE_NME for r in matched])
-    out = {"quality_auroc": tr.auroc(quality, failed)}
+    out = {"quality_auroc": tr.auroc(quality, failed)}  # NaN (null in JSON) without both failures and successes
     for cov in (0.8, 0.9, 1.0):
         out[f"fr@0.10 at {cov:.0%} coverage"] = tr.failure_rate_at(quality, failed, cov)
     if face_threshold is not None:
         out["faces kept by face_prob"] = float(np.mean([r.face.face_prob >= face_threshold for r in matched]))
-    return out
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in out.items()}
 
 
 def risk_coverage_png(results: list[FaceResult], title: str) -> bytes | None:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from fkd_core.recipe import INPUT_SIZE
 from fkd_core.types import NUM_KEYPOINTS
 
 
@@ -14,7 +15,7 @@ from fkd_core.types import NUM_KEYPOINTS
 class NaimishNetConfig:
     """Everything needed to rebuild the network; travels inside every checkpoint."""
 
-    input_size: int = 96
+    input_size: int = INPUT_SIZE
     num_keypoints: int = NUM_KEYPOINTS
 
     def to_dict(self) -> dict:

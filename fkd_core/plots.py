@@ -75,10 +75,10 @@ def loss_curve_png(*args, **kwargs) -> bytes:
 
 
 def quality_colour(quality: float | None) -> tuple[int, int, int]:
-    """BGR for a face's ``quality`` (P(NME > 0.10)): green at 0, through yellow at 0.25, red from 0.5 on;
-    cyan-yellow (the box colour of faces without trust columns) for None."""
+    """BGR for a face's ``quality`` (P(NME > 0.10)): green at 0, through yellow at 0.25, red from 0.5 on; light
+    grey for None (a face without trust columns)."""
     if quality is None or not np.isfinite(quality):
-        return (0, 255, 255)
+        return (200, 200, 200)
     t = min(max(float(quality) / 0.5, 0.0), 1.0)
     return (0, round(255 * min(1.0, 2 * (1 - t))), round(255 * min(1.0, 2 * t)))
 

@@ -36,6 +36,13 @@ class Face:
     face_prob: float | None = None  # P(the box holds a face); None without trust heads
     quality: float | None = None  # P(NME > 0.10): lower is better; None without trust heads
 
+    def trusted(self, max_quality: float = 0.1, min_face_prob: float = 0.5) -> bool:
+        """Whether the box is a face (``face_prob`` at least ``min_face_prob``, 0.5 being its default threshold) and
+        its keypoints are likely right (``quality`` at most ``max_quality``). False without trust columns."""
+        if self.face_prob is None or self.quality is None:
+            return False
+        return self.face_prob >= min_face_prob and self.quality <= max_quality
+
 
 @dataclass
 class Located:
@@ -193,7 +200,7 @@ class Predictor:
                     Face(
                         b,
                         a.keypoints[k],
-                        det_score=None if not np.isfinite(loc.scores[j]) else float(loc.scores[j]),
+                        det_score=_score_of(loc, j),
                         yaw=float(yaws[k]),
                         face_prob=None if face_prob is None else float(face_prob[k]),
                         quality=None if quality is None else float(quality[k]),
@@ -239,7 +246,7 @@ class Predictor:
             first.astype(np.float64),
             [p.astype(np.float64) for p in passes],
             boxes,
-            np.array([s for loc in located for s in loc.scores], np.float64),
+            np.array([_score_of(loc, j) or np.nan for loc in located for j in range(len(loc.boxes))], np.float64),
             np.array([loc.fallback for loc, n in per_face for _ in range(n)]),
             np.array([loc.image_side for loc, n in per_face for _ in range(n)], np.float64),
             np.array([n for _, n in per_face for _ in range(n)], np.float64),
@@ -271,6 +278,13 @@ class Predictor:
         return np.stack([t.to_image(k) for t, k in zip(transforms, kp_ctx, strict=True)]).astype(np.float32)
 
 
+def _score_of(loc: Located, j: int) -> float | None:
+    """Box ``j``'s cascade score, or None (a box the caller gave, or a ``Located`` built without scores)."""
+    if len(loc.scores) != len(loc.boxes) or not np.isfinite(loc.scores[j]):
+        return None
+    return float(loc.scores[j])
+
+
 FIRST_STAGE_SUFFIX = "+first-stage"
 
 
@@ -299,7 +313,6 @@ class _Net:
         self.size = model.cfg.input_size
         self.num_keypoints = model.cfg.num_keypoints
         self.session = _onnx_session(self.model) if backend == "onnx" else None
-        self._hook_lock = threading.Lock()
 
     @torch.inference_mode()
     def predict(self, crops: np.ndarray, batch_size: int, features: bool = False):
@@ -324,16 +337,12 @@ class _Net:
         return (kp, np.concatenate(hidden)) if features else kp  # hidden holds None here without features
 
     def _eager_with_features(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """The model's own forward (so a subclass's is honoured), its last hidden layer caught by a hook."""
-        caught: list[torch.Tensor] = []
-        with self._hook_lock:
-            handle = self.model.head[4].register_forward_hook(lambda _m, _i, out: caught.append(out))
-            try:
-                y = self.model(x)
-            finally:
-                handle.remove()
-        h = caught[0] if caught else torch.zeros(len(x), DENSE_WIDTH)
-        return y.numpy(), h.numpy()
+        """Keypoints and the last hidden layer in one eager pass. A subclass with its own ``forward`` (a stand-in
+        network) is run as it is, with zero features: its hidden layer is not NaimishNet's."""
+        if type(self.model).forward is NaimishNet.forward:
+            y, h = _WithFeatures(self.model)(x)
+            return y.numpy(), h.numpy()
+        return self.model(x).numpy(), np.zeros((len(x), DENSE_WIDTH), np.float32)
 
 
 class _WithFeatures(torch.nn.Module):

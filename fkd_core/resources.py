@@ -14,3 +14,7 @@ def shipped_dir(name: str) -> Path:
     if isinstance(installed, Path) and installed.is_dir():
         return installed
     return Path(__file__).resolve().parent.parent / name
+
+
+SAVED_MODELS = shipped_dir("saved_models")
+DEFAULT_MODEL = SAVED_MODELS / "naimishnet.safetensors"  # the packaged checkpoint

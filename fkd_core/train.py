@@ -1,4 +1,5 @@
-"""Training loop for NaimishNet: arrays in, a trained model and its history out; no file access."""
+"""Training NaimishNet: the recipe, the loop (arrays in, a trained model and its history out) and the checkpoint a
+run becomes (start weights, float16 choice, assembly); no file access."""
 
 from __future__ import annotations
 
@@ -14,29 +15,13 @@ from torch import nn
 
 from fkd_core.align import AlignPolicy, invert, refine_passes, sample_aligned_batch
 from fkd_core.augment import AugmentConfig, sample_batch, sample_matrix
-from fkd_core.geometry import affine_points, denormalise, normalise
+from fkd_core.checkpoint import LoadedModel, PackedCheckpoint, pack_checkpoint
+from fkd_core.detect import DetectorConfig
+from fkd_core.errors import UserError
+from fkd_core.geometry import CropPolicy, affine_points, denormalise, normalise
 from fkd_core.metrics import nme_per_face
 from fkd_core.model import NaimishNet, NaimishNetConfig
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    """Optimisation settings. Adam's values are the paper's."""
-
-    epochs: int = 150
-    batch_size: int = 32
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    patience: int = 20  # epochs without a better validation NME before stopping
-    lr_patience: int = 8  # epochs without improvement before the learning rate is halved
-    min_lr: float = 1e-5
-    schedule: str = "plateau"  # "plateau": halve on a validation plateau; "cosine": decay to min_lr over epochs
-    ema_decay: float = 0.0  # > 0: validate and keep an exponential moving average of the weights (per step)
-    # Warm the average's decay up from 0 (timm's ModelEmaV3), so a short run is not the average of its start.
-    ema_warmup: bool = True
-    seed: int = 0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+from fkd_core.recipe import TrainParams
 
 
 @dataclass
@@ -322,3 +307,63 @@ def predict_canonical(model: nn.Module, crops: np.ndarray, inner: float, batch_s
     pred = denormalise(np.concatenate(preds).reshape(len(crops), -1, 2).astype(np.float64), size)
     m = sample_matrix(crops.shape[1], inner, size, None, AugmentConfig.none())  # canonical -> model input
     return affine_points(invert(m), pred.reshape(-1, 2)).reshape(pred.shape)
+
+
+def start_model(init: LoadedModel | None, first: LoadedModel | None, input_size: int) -> NaimishNet | None:
+    """The weights a run starts from, or None for fresh ones.
+
+    A refining stage (``first`` given) starts from ``init``'s own refining stage if it has one, else from
+    ``init``'s first stage, else from ``first``'s weights; a first stage from ``init``'s first stage. Refuses an
+    ``init`` whose input size is not ``input_size``.
+    """
+    start = None
+    if init is not None:
+        start = init.refine if first is not None and init.refine is not None else init.model
+    elif first is not None:
+        start = copy.deepcopy(first.model)
+    if start is not None and start.cfg.input_size != input_size:
+        raise UserError(f"init checkpoint has input_size {start.cfg.input_size}, config asks for {input_size}")
+    return start
+
+
+def checkpoint_val_nme(loaded: LoadedModel, val: tuple[np.ndarray, np.ndarray], inner: float) -> float:
+    """Validation NME on examples of a (one- or two-stage) checkpoint, as its pipeline predicts."""
+    if loaded.refine is None:
+        return evaluate_arrays(loaded.model, *val, inner)[1]
+    first = predict_canonical(loaded.model, val[0], inner)
+    return evaluate_arrays(loaded.refine, *val, inner, align=loaded.align, first=first)[1]
+
+
+def pack_trained(
+    model: NaimishNet,
+    name: str,
+    *,
+    first: LoadedModel | None,
+    align: AlignPolicy | None,
+    policy: CropPolicy,
+    detector: DetectorConfig,
+    meta: dict,
+    val: tuple[np.ndarray, np.ndarray],
+    inner: float,
+    best_val_nme: float,
+) -> PackedCheckpoint:
+    """A trained model as its checkpoint: with ``first``, the file holds that first stage and ``model`` as its
+    refining stage (and ``first``'s detector). Float16 weights halve the file; they are kept only if the
+    validation NME stays within 1e-4 of ``best_val_nme`` (``meta["float16_val_nme"]`` records it)."""
+    stages: dict = {"model": model}
+    meta = dict(meta)
+    if first is not None:
+        detector = first.detector
+        stages = {"model": first.model, "refine": model, "align": align}
+        meta["refine_of"] = {"model_id": first.model_id, "metrics": first.meta.get("metrics")}
+    half = pack_checkpoint(name=name, policy=policy, detector=detector, meta=meta, **stages)
+    nme16 = checkpoint_val_nme(half.load(), val, inner)
+    keep16 = not np.isfinite(nme16) or abs(nme16 - best_val_nme) <= 1e-4
+    return pack_checkpoint(
+        name=name,
+        **stages,
+        policy=policy,
+        detector=detector,
+        meta={**meta, "float16_val_nme": nme16},
+        dtype=torch.float16 if keep16 else torch.float32,
+    )

@@ -24,7 +24,8 @@ import numpy as np
 
 from fkd_core.align import LEFT_EYE, RIGHT_EYE
 from fkd_core.metrics import yaw as yaw_of
-from fkd_core.types import Box
+from fkd_core.model import DENSE_WIDTH
+from fkd_core.types import NUM_KEYPOINTS, Box
 
 TRUST_PREFIX = "trust."  # tensor names of the heads in a checkpoint
 FAILURE_NME = 0.10  # ``quality`` is the probability of an NME above this
@@ -87,7 +88,7 @@ def signals(
 
     ``first``: first-stage keypoints (N, 68, 2) in image pixels; ``passes``: each refining pass's keypoints in
     image pixels, the last being the answer (empty without a refining stage, when the first stage is the answer).
-    ``scores`` NaN (a box given by the caller) is read as the median level weight of faces, 7.0.
+    ``scores`` NaN (a box given by the caller) is read as the median level weight of faces, 6.8.
     """
     final = passes[-1] if passes else first
     n = len(final)
@@ -100,7 +101,7 @@ def signals(
         return np.linalg.norm(a - b, axis=2).mean(axis=1) / r
 
     cols = {
-        "det_score": np.where(np.isfinite(scores), scores, 7.0),
+        "det_score": np.where(np.isfinite(scores), scores, 6.8),
         "fallback": fallback.astype(np.float64),
         "log_size": np.log(np.maximum(side, 1.0) / np.maximum(image_sides, 1.0)),
         "log_faces": np.log1p(faces_in_image),
@@ -160,6 +161,13 @@ class TrustHeads:
         def g(k: str) -> np.ndarray:
             return np.asarray(t[TRUST_PREFIX + k], np.float64)
 
+        width = len(SIGNALS) + 2 * DENSE_WIDTH
+        shapes = {"mean_shape": (NUM_KEYPOINTS, 2), "face.weight": (width,), "quality.weight": (width,)}
+        shapes |= {"face.bias": (1,), "quality.bias": (1,)}
+        for k, shape in shapes.items():
+            if TRUST_PREFIX + k not in t or g(k).shape != shape:
+                got = g(k).shape if TRUST_PREFIX + k in t else "missing"
+                raise ValueError(f"trust head tensor {TRUST_PREFIX + k}: expected shape {shape}, got {got}")
         return cls(
             g("mean_shape"),
             Head(g("face.weight"), float(g("face.bias")[0])),

@@ -14,19 +14,18 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fkd_core.annotate import AnnotateSettings, ShardCounts, run_shard
 from fkd_core.errors import RunConflict, UserError
-from fkd_core.image_io import DEFAULT_MAX_PIXELS, Listing, SourceFile, check_bucket, check_exists, join_uri
+from fkd_core.image_io import Listing, SourceFile, check_bucket, check_exists, join_uri
 from fkd_core.image_io import list_source as list_files
 from fkd_core.lease import Lease, LeaseUnsupported, default_holder
 from fkd_core.parquet_io import IMAGES_SCHEMA, dataset, exists, part_uri, read_json, write_table
 from fkd_core.predict import Predictor
 from fkd_core.runs import RunRecord, finished_counts
 from flows._common import IO_RETRY, chunks, flat_parameters, markdown_table
+from flows.configs import AnnotateConfig
 from flows.progress import ProgressBoard, progress_sink
-from flows.settings import SERVED_MODEL, served_model
 
 PLAN_SCHEMA = pa.schema(
     [
@@ -38,36 +37,6 @@ PLAN_SCHEMA = pa.schema(
 SKIPPED_SCHEMA = pa.schema(
     [pa.field("uri", pa.string(), nullable=False), pa.field("reason", pa.string(), nullable=False)]
 )
-
-
-class AnnotateConfig(BaseModel):
-    """Find every face in a set of images and put 68 keypoints on each."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    source: str = Field(description="Image directory, bucket prefix (s3://...), any fsspec URL, or one image")
-    out: str = Field(description="Output directory or prefix: images/, faces/ and runs/ go under it")
-    run_id: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]+$", description="Run id; rerunning an existing one resumes it"
-    )
-    model: str | None = Field(None, description=f"Checkpoint (.safetensors, its .json beside it); {SERVED_MODEL}")
-    shard_size: int = Field(500, ge=1, le=100_000, description="Images per task")
-    refine: bool = Field(
-        True, description="Run a two-stage checkpoint's refining stage (off: first stage only, faster, less accurate)"
-    )
-    incremental: bool = Field(False, description="Only images not already in any run under `out`")
-    dask_address: str | None = Field(None, description="Run shards on this Dask scheduler (tcp://host:port)")
-    workers: int = Field(1, ge=1, le=64, description="Shards at once with the local runner")
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Refuse images with more pixels (pixel bombs)")
-    progress: bool = Field(False, description="Draw a progress bar on stderr (the CLI sets it on a terminal)")
-    heartbeat_seconds: float = Field(
-        30.0, ge=0.1, le=3600, description="How often the run record's heartbeat is rewritten while the run lives"
-    )
-    lease_seconds: float = Field(
-        120.0, ge=1, le=3600, description="A dead run's locks in <out>/locks expire after this (renewed every third)"
-    )
-
-    _model = model_validator(mode="after")(served_model)
 
 
 def new_run_id() -> str:

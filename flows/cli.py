@@ -58,8 +58,11 @@ def _hide_user_error_tracebacks() -> None:
             handler.addFilter(_NoUserErrorTracebacks())
 
 
-def _config(cls, **fields):
-    """Build a flow's config, turning validation errors into a message that names each field (exit 2)."""
+def _config(cls, command: str | None = None, **fields):
+    """Build a flow's config, turning validation errors into a message that names each field: its flag, and its
+    environment variable where that is set (exit 2)."""
+    import os
+
     from pydantic import ValidationError
 
     try:
@@ -67,47 +70,90 @@ def _config(cls, **fields):
     except ValidationError as e:
         for err in e.errors():
             name = ".".join(str(p) for p in err["loc"])
-            typer.echo(f"fkd: invalid {name} (--{name.replace('_', '-')}): {err['msg']}", err=True)
+            where = f"--{name.replace('_', '-')}"
+            if command is not None:
+                from flows.configs import env_var
+
+                env = env_var(command, name)
+                where += f" or {env}" if env in os.environ else ""
+            typer.echo(f"fkd: invalid {name} ({where}): {err['msg']}", err=True)
         raise typer.Exit(2) from None
 
 
-@app.command()
-def annotate(
-    source: Annotated[str, typer.Argument(help="Image directory, s3:// prefix, any fsspec URL, or one image")],
-    out: Annotated[str, typer.Argument(help="Output directory or s3:// prefix")],
-    run_id: Annotated[str | None, typer.Option(help="Resume (or name) this run")] = None,
-    model: Annotated[str | None, typer.Option(help="Checkpoint .safetensors [FKD_MODEL]")] = None,
-    shard_size: Annotated[int | None, typer.Option(help="Images per task [FKD_SHARD_SIZE]")] = None,
-    incremental: Annotated[bool, typer.Option(help="Skip images already annotated under OUT")] = False,
-    dask_address: Annotated[str | None, typer.Option(help="Run shards on this Dask scheduler")] = None,
-    workers: Annotated[int | None, typer.Option(help="Shards at once, local runner [FKD_WORKERS]")] = None,
-    refine: Annotated[
-        bool, typer.Option(help="Run the checkpoint's refining stage (--no-refine: first stage only, faster)")
-    ] = True,
-) -> None:
-    """Find every face under SOURCE and write 68 keypoints per face to OUT (Parquet)."""
-    from flows.annotate import AnnotateConfig, preflight
-    from flows.annotate import annotate as flow
+def _cli_type(annotation):
+    """The type typer gets for a config field: Literal choices travel as str (pydantic checks them)."""
+    import types
+    import typing
 
-    s = _settings(model=model, shard_size=shard_size, dask_address=dask_address, workers=workers)
-    doc = _run(
-        flow,
-        _config(
-            AnnotateConfig,
-            source=source,
-            out=out,
-            run_id=run_id,
-            model=s.model,
-            shard_size=s.shard_size,
-            incremental=incremental,
-            dask_address=s.dask_address,
-            workers=s.workers,
-            max_pixels=s.max_pixels,
-            refine=refine,
-            progress=sys.stderr.isatty(),
-        ),
-        preflight,
-    )
+    if typing.get_origin(annotation) is typing.Literal:
+        return str
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(inner) == 1:
+            return _cli_type(inner[0]) | None
+    return annotation
+
+
+def flow_command(name: str):
+    """Register ``fkd <name>`` from its flow's pydantic config (``flows.configs.COMMANDS``): the config's argument
+    fields become positional arguments and every other field an option, with the field's description, default and
+    environment variable, so the CLI, the flow and a deployment can never disagree. The decorated function gets
+    the validated config."""
+    import inspect
+
+    from pydantic_core import PydanticUndefined
+
+    from flows.configs import COMMANDS, HIDDEN, SETTINGS_BACKED, env_var
+
+    cfg_cls, arguments = COMMANDS[name]
+    settings = SETTINGS_BACKED.get(name, ())
+
+    def parameter(field: str) -> inspect.Parameter:
+        f = cfg_cls.model_fields[field]
+        if field in arguments:
+            annotation = Annotated[_cli_type(f.annotation), typer.Argument(help=f.description, metavar=field.upper())]
+            return inspect.Parameter(field, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation)
+        env = env_var(name, field)
+        if field in settings:
+            # resolved by load_settings (flag > FKD_* > fkd.toml > default), which names the culprit of a bad value
+            option = typer.Option(help=f"{f.description} (env var: {env}, or the settings file)")
+            typ, default = _cli_type(f.annotation) | None, None
+        else:
+            option = typer.Option(help=f.description, envvar=env, show_envvar=True)
+            typ, default = _cli_type(f.annotation), (None if f.default is PydanticUndefined else f.default)
+        return inspect.Parameter(
+            field, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[typ, option], default=default
+        )
+
+    def decorate(run):
+        fields = [
+            *arguments,
+            *(f for f in cfg_cls.model_fields if f not in arguments and f not in HIDDEN.get(name, ())),
+        ]
+
+        def command(**values):
+            if settings:
+                s = _settings(**{k: values[k] for k in settings})
+                values |= {k: getattr(s, k) for k in settings}
+            run(_config(cfg_cls, name, **values))
+
+        command.__signature__ = inspect.Signature([parameter(f) for f in fields])
+        command.__doc__ = run.__doc__
+        command.__name__ = name
+        app.command(name)(command)
+        return run
+
+    return decorate
+
+
+@flow_command("annotate")
+def annotate(cfg) -> None:
+    """Find every face under SOURCE and write 68 keypoints per face to OUT (Parquet)."""
+    from flows.annotate import annotate as flow
+    from flows.annotate import preflight
+
+    cfg.progress = sys.stderr.isatty()
+    doc = _run(flow, cfg, preflight)
     keys = ("run_id", "status", "model_id", "images_planned", "skipped_existing", "skipped_files", "counts", "seconds")
     _print({k: doc[k] for k in keys if k in doc})
 
@@ -139,118 +185,34 @@ def _settings(**overrides):
         _fail(str(e))
 
 
-@app.command()
-def ingest(
-    csv: Annotated[str, typer.Argument(help="Keypoints CSV")],
-    images: Annotated[str, typer.Argument(help="Image directory or prefix")],
-    out: Annotated[str, typer.Argument(help="Output directory or prefix")],
-    split_by: Annotated[str, typer.Option(help="person or frame")] = "person",
-    val_fraction: float = 0.15,
-    seed: int = 0,
-    shard_size: int = 500,
-) -> None:
+@flow_command("ingest")
+def ingest(cfg) -> None:
     """Turn a keypoints CSV and its images into the training examples Parquet."""
-    from flows.ingest import IngestConfig, preflight
     from flows.ingest import ingest as flow
+    from flows.ingest import preflight
 
-    doc = _run(
-        flow,
-        _config(
-            IngestConfig,
-            csv=csv,
-            images=images,
-            out=out,
-            split_by=split_by,
-            val_fraction=val_fraction,
-            seed=seed,
-            shard_size=shard_size,
-        ),
-        preflight,
-    )
+    doc = _run(flow, cfg, preflight)
     _print({k: v for k, v in doc.items() if k != "refused"} | {"refused (first 20)": doc["refused"][:20]})
 
 
-@app.command()
-def train(
-    examples: Annotated[str, typer.Argument(help="Examples dataset (<ingest out>/examples)")],
-    name: Annotated[str, typer.Option(help="Checkpoint name; the weights' sha256 head is appended")] = "naimishnet",
-    out_dir: Annotated[str, typer.Option(help="Where the new checkpoint is written (never the served one)")] = "models",
-    force: Annotated[bool, typer.Option(help="Replace a checkpoint with the same name and weights")] = False,
-    epochs: int = 150,
-    patience: int = 20,
-    seed: int = 0,
-    input_size: int = 96,
-    lr: float = 1e-3,
-    schedule: Annotated[str, typer.Option(help="cosine or plateau")] = "cosine",
-    min_lr: float = 1e-6,
-    ema_decay: Annotated[float, typer.Option(help="> 0: keep an exponential moving average of the weights")] = 0.998,
-    ema_warmup: Annotated[bool, typer.Option(help="Warm the average's decay up from 0 (short runs)")] = True,
-    flip: Annotated[float, typer.Option(help="Probability of a horizontal flip in augmentation")] = 0.0,
-    shift: Annotated[float, typer.Option(help="Box jitter: centre shift as a fraction of the side")] = 0.0,
-    scale: Annotated[float, typer.Option(help="Box jitter: side x U(1 - scale, 1 + scale)")] = 0.0,
-    rotate: Annotated[float, typer.Option(help="Rotation augmentation, +- degrees")] = 0.0,
-    init: Annotated[str | None, typer.Option(help="Start from this checkpoint's weights")] = None,
-    refine_of: Annotated[
-        str | None,
-        typer.Option(help="Train a refining second stage for this first-stage checkpoint; the output holds both"),
-    ] = None,
-    align_side: Annotated[float, typer.Option(help="Refining stage: crop side in RMS radii of the keypoints")] = 3.8,
-    device: Annotated[str, typer.Option(help="cpu, or cuda[:N] to train on a GPU")] = "cpu",
-) -> None:
+@flow_command("train")
+def train(cfg) -> None:
     """Train NaimishNet into a new checkpoint <out-dir>/<name>-<sha256 head>.safetensors + .json + _loss.png.
 
     The served model never changes: point FKD_MODEL (or --model) at the new file to promote it.
     """
-    from flows.train import TrainConfig, preflight
+    from flows.train import preflight
     from flows.train import train as flow
 
-    _print(
-        _run(
-            flow,
-            _config(
-                TrainConfig,
-                examples=examples,
-                name=name,
-                out_dir=out_dir,
-                force=force,
-                epochs=epochs,
-                patience=patience,
-                seed=seed,
-                input_size=input_size,
-                lr=lr,
-                schedule=schedule,
-                min_lr=min_lr,
-                ema_decay=ema_decay,
-                ema_warmup=ema_warmup,
-                flip=flip,
-                shift=shift,
-                scale=scale,
-                rotate=rotate,
-                init=init,
-                refine_of=refine_of,
-                align_side=align_side,
-                device=device,
-            ),
-            preflight,
-        )
-    )
+    _print(_run(flow, cfg, preflight))
 
 
-@app.command()
-def evaluate(
-    csv: Annotated[str, typer.Argument(help="Keypoints CSV")],
-    images: Annotated[str, typer.Argument(help="Image directory or prefix")],
-    out: Annotated[str, typer.Argument(help="Where metrics.json, faces.parquet, worst.png go")],
-    model: Annotated[str | None, typer.Option(help="Checkpoint .safetensors [FKD_MODEL]")] = None,
-    split: Annotated[str, typer.Option(help="all, train or val (the checkpoint's split)")] = "all",
-    split_by: Annotated[str | None, typer.Option(help="person or frame (default: the checkpoint's)")] = None,
-) -> None:
+@flow_command("evaluate")
+def evaluate(cfg) -> None:
     """End-to-end metrics of a checkpoint on labelled images."""
-    from flows.evaluate import EvaluateConfig, preflight
     from flows.evaluate import evaluate as flow
+    from flows.evaluate import preflight
 
-    s = _settings(model=model)
-    cfg = _config(EvaluateConfig, csv=csv, images=images, out=out, model=s.model, split=split, split_by=split_by)
     _print(_run(flow, cfg, preflight))
 
 

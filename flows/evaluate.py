@@ -6,7 +6,6 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fkd_core.evaluate import (
     FaceResult,
@@ -24,28 +23,8 @@ from fkd_core.parquet_io import write_bytes, write_json, write_table
 from fkd_core.plots import png_bytes
 from fkd_core.predict import Predictor
 from flows._common import IO_RETRY, chunks, flat_parameters, markdown_table
+from flows.configs import EvaluateConfig
 from flows.ingest import read_csv
-from flows.settings import SERVED_MODEL, served_model
-
-
-class EvaluateConfig(BaseModel):
-    """Score a checkpoint end to end (Haar + NaimishNet) on labelled images."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    csv: str = Field(description="Keypoints CSV (same format as ingest)")
-    images: str = Field(description="Directory or bucket prefix of the CSV's images")
-    out: str = Field(description="Where metrics.json, faces.parquet, worst.png and risk_coverage.png are written")
-    model: str | None = Field(None, description=f"Checkpoint (.safetensors); {SERVED_MODEL}")
-    split: str = Field("all", pattern="^(all|train|val)$", description="Score all rows or one split of them")
-    split_by: str | None = Field(None, pattern="^(person|frame)$", description="Default: the checkpoint's")
-    val_fraction: float | None = Field(None, ge=0, lt=1, description="Default: the checkpoint's")
-    seed: int | None = Field(None, description="Split seed; default: the checkpoint's")
-    shard_size: int = Field(500, ge=1)
-    workers: int = Field(2, ge=1, le=64)
-    worst: int = Field(12, ge=0, le=100, description="Faces in the worst-case montage")
-
-    _model = model_validator(mode="after")(served_model)
 
 
 @task(**IO_RETRY)
@@ -103,17 +82,6 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "by_pose": pose,
         "trust": trust_metrics(results, loaded.trust.face_threshold if loaded.trust else None),
     }
-    write_json(doc, join_uri(cfg.out, "metrics.json"))
-    write_table(results_table(results), join_uri(cfg.out, "faces.parquet"))
-    curve = risk_coverage_png(results, f"{loaded.model_id}, {cfg.split} split by {split_by}")
-    if curve is not None:
-        write_bytes(curve, join_uri(cfg.out, "risk_coverage.png"))
-    if cfg.worst and matched:
-        write_bytes(png_bytes(worst_montage(results, cfg.images, cfg.worst)), join_uri(cfg.out, "worst.png"))
-    row = {"model": loaded.model_id, "split": f"{cfg.split} ({split_by})", "pose": "all", **metrics}
-    rows = [row] + [{"model": loaded.model_id, "split": row["split"], **p} for p in pose]
-    create_table_artifact(key="evaluate-metrics", table=rows, description="fkd end-to-end metrics, by pose")
-    log.info("metrics:\n%s", markdown_table(rows))
     fitted = (loaded.meta.get("trust") or {}).get("report", {}).get("quality", {}).get("person-grouped folds")
     if doc["trust"] and fitted:
         # the shipped heads were fitted on every labelled face of the training data: scoring them on those faces
@@ -125,6 +93,17 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             loaded.model_id,
             fitted["auroc"],
         )
+    write_json(doc, join_uri(cfg.out, "metrics.json"))
+    write_table(results_table(results), join_uri(cfg.out, "faces.parquet"))
+    curve = risk_coverage_png(results, f"{loaded.model_id}, {cfg.split} split by {split_by}")
+    if curve is not None:
+        write_bytes(curve, join_uri(cfg.out, "risk_coverage.png"))
+    if cfg.worst and matched:
+        write_bytes(png_bytes(worst_montage(results, cfg.images, cfg.worst)), join_uri(cfg.out, "worst.png"))
+    row = {"model": loaded.model_id, "split": f"{cfg.split} ({split_by})", "pose": "all", **metrics}
+    rows = [row] + [{"model": loaded.model_id, "split": row["split"], **p} for p in pose]
+    create_table_artifact(key="evaluate-metrics", table=rows, description="fkd end-to-end metrics, by pose")
+    log.info("metrics:\n%s", markdown_table(rows))
     if doc["trust"]:
         create_table_artifact(
             key="evaluate-trust", table=[doc["trust"]], description="how well quality sorts out the failures"

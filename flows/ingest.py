@@ -10,7 +10,6 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, ConfigDict, Field
 
 from fkd_core.detect import DetectorConfig
 from fkd_core.errors import RowError
@@ -20,21 +19,7 @@ from fkd_core.image_io import check_bucket, check_exists, url_to_fs
 from fkd_core.ingest import IngestSettings, ShardResult, ingest_misses, ingest_shard
 from fkd_core.parquet_io import write_json
 from flows._common import IO_RETRY, chunks, flat_parameters, markdown_table
-
-
-class IngestConfig(BaseModel):
-    """Turn a keypoints CSV and its images into detector-consistent training crops."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    csv: str = Field(description="Keypoints CSV: a header, then file name and x0, y0 ... x67, y67 per row")
-    images: str = Field(description="Directory or bucket prefix that the CSV's file names are relative to")
-    out: str = Field(description="Output directory or prefix for the examples Parquet dataset")
-    split_by: str = Field("person", pattern="^(person|frame)$", description="Group the validation split by")
-    val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of persons (or frames) held out")
-    seed: int = Field(0, description="Seed of the split hash")
-    shard_size: int = Field(500, ge=1, le=100_000, description="Images per task")
-    workers: int = Field(2, ge=1, le=64, description="Shards processed at once")
+from flows.configs import IngestConfig
 
 
 @task(**IO_RETRY)

@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from fkd_core.checkpoint import DEFAULT_MODEL
+from fkd_core.resources import DEFAULT_MODEL
 
 
 class FkdSettings(BaseSettings):
@@ -92,7 +92,9 @@ def toml_file() -> str | None:
 
 def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
     """A warning for each ``FKD_*`` variable that is no setting (a typo is otherwise silently ignored)."""
-    known = {f"FKD_{name.upper()}" for name in FkdSettings.model_fields} | _OTHER_VARIABLES
+    from flows.configs import command_variables
+
+    known = {f"FKD_{name.upper()}" for name in FkdSettings.model_fields} | _OTHER_VARIABLES | command_variables()
     warnings = []
     for name in sorted(environ if environ is not None else os.environ):
         if name.upper().startswith("FKD_") and name.upper() not in known:

@@ -441,9 +441,12 @@ def test_readme_library_example_runs(tmp_path, sample_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
     exec(compile(block, "README.md", "exec"), ns)
+    from fkd_core.predict import Face
+
     faces, good = ns["faces"], ns["good"]
     assert len(faces) == 4 and all(k.shape == (68, 2) for k in good)
     assert len(good) == sum(f.face_prob >= 0.5 and f.quality <= 0.1 for f in faces) == 3
+    assert not Face(faces[0].box, faces[0].keypoints).trusted()  # no trust columns: never trusted
 
 
 def test_constraints_pin_every_dependency_inside_its_range():

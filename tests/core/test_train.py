@@ -83,7 +83,7 @@ def test_with_an_average_both_weights_are_validated_and_the_better_is_kept():
     val = (crops[:8], kp[:8])
     torch.set_num_threads(1)
     base = dict(epochs=3, batch_size=8, patience=5, seed=3)
-    m_raw, h_raw = fit((crops, kp), val, params=TrainParams(**base), inner=1 / 1.5)
+    m_raw, h_raw = fit((crops, kp), val, params=TrainParams(**base, ema_decay=0.0), inner=1 / 1.5)
     m_ema, h_ema = fit((crops, kp), val, params=TrainParams(**base, ema_decay=0.5), inner=1 / 1.5)
     # averaging never touches the optimiser's trajectory ...
     assert [e.train_mse for e in h_ema.epochs] == [e.train_mse for e in h_raw.epochs]
@@ -153,3 +153,31 @@ def test_loss_plot_names_the_averaged_curves_and_counts_whole_epochs():
     assert ticks and all(float(t).is_integer() for t in ticks)
     plain = loss_curve_figure([1, 2], [0.3, 0.2], [0.4, 0.3])
     assert [t.get_text() for t in plain.axes[0].get_legend().get_texts()] == ["train MSE", "validation MSE"]
+
+
+def test_a_run_starts_from_the_weights_its_recipe_names():
+    """Fine-tuning starts from init's weights (its refining stage for a refining run), a new refining stage from its
+    first stage's weights (a copy, so the first stage is never trained by accident), a new first stage fresh."""
+    from fkd_core.checkpoint import LoadedModel
+    from fkd_core.detect import DetectorConfig
+    from fkd_core.errors import UserError
+    from fkd_core.geometry import CropPolicy
+    from fkd_core.model import NaimishNet, NaimishNetConfig
+    from fkd_core.train import start_model
+
+    def loaded(refine: bool = False, size: int = 96) -> LoadedModel:
+        cfg = NaimishNetConfig(input_size=size)
+        two = NaimishNet(cfg) if refine else None
+        return LoadedModel(NaimishNet(cfg), CropPolicy(), DetectorConfig(), "m-0", {}, two, None)
+
+    first, init, pair = loaded(), loaded(), loaded(refine=True)
+    assert start_model(None, None, 96) is None
+    assert start_model(init, None, 96) is init.model
+    assert start_model(pair, first, 96) is pair.refine
+    assert start_model(init, first, 96) is init.model
+    copied = start_model(None, first, 96)
+    assert copied is not first.model
+    for a, b in zip(copied.state_dict().values(), first.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(UserError, match="input_size 64"):
+        start_model(loaded(size=64), None, 96)

@@ -89,7 +89,7 @@ def test_signals_measure_disagreement_and_pose_of_each_face():
     assert named["stage_gap"] == pytest.approx(3.0 / 30.0, rel=1e-6)  # 3 px over a radius of 30
     assert named["pass_gap"] == 0.0 and named["shape_residual"] < 1e-9
     assert named["roll"] == pytest.approx(abs(tr.eye_line_angle(final)[0])) and named["roll"] < 0.02  # upright
-    assert named["det_score"] == 7.0 and named["fallback"] == 1.0  # a given box reads as a typical face
+    assert named["det_score"] == 6.8 and named["fallback"] == 1.0  # a given box reads as a typical face (median)
     assert named["log_size"] == pytest.approx(math.log(80 / 400))
     assert named["log_faces"] == pytest.approx(math.log(3.0))
     assert named["spread"] == pytest.approx(30.0 / 80.0, rel=1e-6)
@@ -152,3 +152,80 @@ def test_the_shipped_heads_tell_faces_from_the_boxes_on_the_same_frames_turned(v
     kept = np.mean([f.face_prob >= 0.5 for f in upright])
     rejected = np.mean([f.face_prob < 0.5 for f in false])
     assert kept >= 0.95 and rejected >= 0.75, (kept, rejected)
+
+
+def test_faces_batched_across_images_get_the_columns_they_get_alone(sample_dir):
+    """One model pass over several images' faces gives every face the same keypoints and trust columns as a pass
+    over its image alone: the per-face signals follow their own image (box count, size, fallback, score)."""
+    pred = Predictor.from_checkpoint(DEFAULT_MODEL)
+    grays = [
+        cv2.imread(str(sample_dir / "photos" / n), cv2.IMREAD_GRAYSCALE)
+        for n in ("the_beatles.jpg", "mona_lisa.jpg", "obamas.jpg")
+    ]
+    together = pred.predict(grays)
+    alone = [pred.predict([g])[0] for g in grays]
+    assert [len(f) for f in together] == [4, 1, 2]
+    for faces_t, faces_a in zip(together, alone, strict=True):
+        for t, a in zip(faces_t, faces_a, strict=True):
+            assert np.allclose(t.keypoints, a.keypoints, atol=1e-3)
+            for col in ("det_score", "yaw", "face_prob", "quality"):
+                assert getattr(t, col) == pytest.approx(getattr(a, col), abs=1e-4), col
+
+
+def test_the_torch_backend_reads_the_same_hidden_features_as_onnx(sample_dir):
+    gray = cv2.imread(str(sample_dir / "photos" / "obamas.jpg"), cv2.IMREAD_GRAYSCALE)
+    onnx, eager = (Predictor.from_checkpoint(DEFAULT_MODEL, backend=b) for b in ("onnx", "torch"))
+    a, b = (p.analyse([p.locate(gray)]) for p in (onnx, eager))
+    assert a.features.shape == b.features.shape == (2, 1000)
+    assert np.allclose(a.features, b.features, atol=1e-3) and np.allclose(a.first_features, b.first_features, atol=1e-3)
+    fa, fb = onnx.predict([gray])[0], eager.predict([gray])[0]
+    assert [f.quality for f in fa] == pytest.approx([f.quality for f in fb], abs=1e-4)
+
+
+def test_passes_that_disagree_and_a_face_off_its_box_show_in_the_signals():
+    mean = _mean_shape()
+    mean = mean / np.sqrt(((mean - mean.mean(axis=0)) ** 2).sum(axis=1).mean())
+    final = _similar(mean, 20.0, 0.0, (130.0, 100.0))[None]  # centre 30 px right of the box centre (100, 100)
+    earlier = final + np.array([0.0, 4.0])
+    sig = tr.signals(
+        final, [earlier, final], [Box(50, 50, 100, 100)], np.array([5.0]), np.array([False]),
+        np.array([300.0]), np.array([1.0]), mean,
+    )[0]  # fmt: skip
+    named = dict(zip(tr.SIGNALS, sig, strict=True))
+    assert named["pass_gap"] == pytest.approx(4.0 / 20.0, rel=1e-6) and named["stage_gap"] == 0.0
+    assert named["offset_x"] == pytest.approx(0.3, abs=1e-6) and named["offset_y"] == pytest.approx(0.0, abs=1e-6)
+    assert named["det_score"] == 5.0 and named["iod_ratio"] == pytest.approx(
+        np.linalg.norm(final[0, 36] - final[0, 45]) / 20.0, rel=1e-6
+    )
+
+
+def test_heads_of_the_wrong_shape_are_refused_when_the_checkpoint_loads(tmp_path):
+    from fkd_core.checkpoint import write_checkpoint
+    from fkd_core.errors import CheckpointError
+
+    loaded = load_checkpoint(DEFAULT_MODEL)
+    t = loaded.trust
+    broken = tr.TrustHeads(t.mean_shape, tr.Head(t.face.weight[:-1], t.face.bias), t.quality, 0.5)
+    packed = pack_checkpoint(
+        loaded.model, "m", policy=loaded.policy, detector=loaded.detector, meta={}, refine=loaded.refine,
+        align=loaded.align, trust=broken,
+    )  # fmt: skip
+    uri = write_checkpoint(packed, str(tmp_path / "m.safetensors"))
+    with pytest.raises(CheckpointError, match="trust.face.weight"):
+        load_checkpoint(uri)
+
+
+def test_trust_metrics_without_failures_write_null_not_nan():
+    import json
+
+    from fkd_core.evaluate import FaceResult, trust_metrics
+    from fkd_core.predict import Face
+
+    row = LabelledRow(2, "a.jpg", np.zeros((68, 2)))
+    good = [
+        FaceResult(row, "matched", 1, nme=0.05, face=Face(Box(0, 0, 1, 1), np.zeros((68, 2)), 5.0, 0.0, 0.9, q))
+        for q in (0.1, 0.2)
+    ]
+    m = trust_metrics(good, 0.5)
+    assert m["quality_auroc"] is None and m["fr@0.10 at 100% coverage"] == 0.0
+    json.loads(json.dumps(m), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))

@@ -21,12 +21,30 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15 package
 SECRET = "fkd-sentinel-secret-7f3a"  # moto accepts any credentials; the tests check this never leaks
 
 
-@pytest.fixture(scope="session", autouse=True)
+def pytest_collection_modifyitems(items):
+    """Every test under tests/flows runs Prefect (flows, the CLI, served deployments): it is a ``flows`` test, so
+    ``pytest -m "not flows"`` runs the library's tests alone, in seconds."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.flows)
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(600))  # servers and whole runs; the library's tests get 120 s
+
+
+@pytest.fixture(scope="session")
 def prefect_harness():
+    """One temporary Prefect API for the session, started only when a test that runs flows asks for it."""
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _flows_use_the_harness(request):
+    if request.node.get_closest_marker("flows") is not None:
+        request.getfixturevalue("prefect_harness")
 
 
 @pytest.fixture(scope="session")

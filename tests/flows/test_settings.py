@@ -73,6 +73,10 @@ def test_a_misspelt_variable_is_warned_about():
     assert unknown_variables({"FKD_SHARDSIZE": "3", "FKD_MODEL": "m", "FKD_CONFIG": "x", "OTHER": "1"}) == [
         "warning: FKD_SHARDSIZE is not an fkd setting and is ignored; did you mean FKD_SHARD_SIZE?"
     ]
+    # a command option's variable is known, and a misspelt one is named with the right spelling
+    assert unknown_variables({"FKD_TRAIN_EPOCHS": "3", "FKD_TRAIN_EPOCS": "3"}) == [
+        "warning: FKD_TRAIN_EPOCS is not an fkd setting and is ignored; did you mean FKD_TRAIN_EPOCHS?"
+    ]
     out = subprocess.run(
         [str(BIN / "fkd"), "settings", "--get", "shard_size"],
         capture_output=True,
@@ -170,29 +174,28 @@ def test_cli_waits_long_enough_for_the_ephemeral_prefect_server(user_value, expe
     assert out.stdout.strip() == expected
 
 
-@pytest.mark.parametrize(
-    "command,config",
-    [
-        ("train", "flows.train:TrainConfig"),
-        ("evaluate", "flows.evaluate:EvaluateConfig"),
-        ("ingest", "flows.ingest:IngestConfig"),
-    ],
-)
-def test_cli_defaults_are_the_flow_config_defaults(command, config):
-    """The CLI spells out each option's default; it must not drift from the flow's validated config."""
-    import importlib
-    import inspect
+@pytest.mark.parametrize("command", ["annotate", "ingest", "train", "evaluate"])
+def test_every_config_field_is_a_cli_parameter_with_its_default_and_variable(command):
+    """The CLI is built from the flows' configs: each field (but those the CLI sets itself) is an argument or an
+    option with the config's default (settings-backed options: None, resolved by load_settings) and variable."""
+    import typer.main
+    from pydantic_core import PydanticUndefined
 
     import flows.cli
+    from flows.configs import COMMANDS, HIDDEN, SETTINGS_BACKED, env_var
 
-    module, cls = config.split(":")
-    fields = getattr(importlib.import_module(module), cls).model_fields
-    params = inspect.signature(getattr(flows.cli, command)).parameters
-    # an option that defaults to None takes its value from the fkd settings (FKD_*), tested apart
-    shared = [n for n, p in params.items() if n in fields and p.default not in (inspect.Parameter.empty, None)]
-    assert shared, "no option shares a name with the config"
-    for name in shared:
-        assert params[name].default == fields[name].default, name
+    cls, arguments = COMMANDS[command]
+    params = {p.name: p for p in typer.main.get_command(flows.cli.app).commands[command].params}
+    assert set(params) == set(cls.model_fields) - set(HIDDEN.get(command, ()))
+    for name, f in cls.model_fields.items():
+        if name in arguments or name in HIDDEN.get(command, ()):
+            continue
+        p = params[name]
+        if name in SETTINGS_BACKED.get(command, ()):
+            assert p.default is None and env_var(command, name) in p.help, name
+        else:
+            assert p.default == (None if f.default is PydanticUndefined else f.default), name
+            assert p.envvar == env_var(command, name) == f"FKD_{command.upper()}_{name.upper()}", name
 
 
 def test_train_config_refuses_an_unknown_device_naming_the_field():

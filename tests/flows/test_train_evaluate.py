@@ -119,8 +119,8 @@ def test_evaluate_scores_the_shipped_model_end_to_end(tmp_path, sample_dir, samp
 
 
 def test_refining_stage_is_trained_for_a_first_stage_and_used_end_to_end(tmp_path, examples, sample_dir, sample_csv):
+    from fkd_core.train import checkpoint_val_nme as val_nme
     from fkd_core.train import evaluate_arrays
-    from flows.train import val_nme
 
     cfg = dict(examples=examples, epochs=1, batch_size=16, seed=0, threads=1)
     one = train(out_dir=str(tmp_path), name="one", **cfg)
@@ -165,3 +165,19 @@ def test_refining_stage_is_trained_for_a_first_stage_and_used_end_to_end(tmp_pat
     )
     with pytest.raises(UserError, match=r"was trained on crops with CropPolicy\(scale=1.5"):
         train(out_dir=str(tmp_path), name="four", refine_of=str(tmp_path / "wide.safetensors"), **cfg)
+
+
+def test_the_flow_and_the_cli_train_with_the_librarys_recipe():
+    """One recipe: a train config given nothing but its examples is the library's TrainParams, and the CLI's
+    defaults are the config's (they are generated from it)."""
+    from typer.testing import CliRunner
+
+    from fkd_core.train import TrainParams
+    from flows.cli import app
+    from flows.train import TrainConfig
+
+    assert TrainConfig(examples="x").params() == TrainParams()
+    help_text = CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output
+    for option, value in (("--epochs", TrainParams().epochs), ("--ema-decay", TrainParams().ema_decay)):
+        block = help_text.split(option + " ", 1)[1].split("--", 1)[0]  # the option's own help
+        assert f"default: {value}" in block and f"FKD_TRAIN_{option[2:].upper().replace('-', '_')}" in block, block
