@@ -114,23 +114,28 @@ def ratio(args) -> dict:
 
 
 def batching(args) -> dict:
-    from fkd_core.annotate import AnnotateSettings, annotate_images
+    from fkd_core.annotate import ShardConfig, annotate_images, read_window
     from fkd_core.image_io import list_images
     from fkd_core.predict import Predictor
+    from fkd_core.storage import iter_read
 
     predictor = Predictor.from_checkpoint(args.model)
     shard = args.shard_size[0]
     with tempfile.TemporaryDirectory() as tmp:
         uris = list_images(str(make_corpus(Path(args.images), args.n, Path(tmp) / "in")))
         shards = [uris[i : i + shard] for i in range(0, len(uris), shard)]
-        variants = {"every_32": AnnotateSettings(model_every=32), "whole_shard": AnnotateSettings(model_every=10**9)}
-        annotate_images(uris[:64], predictor, variants["every_32"])  # warm up: model export, page cache
+        variants = {"every_32": ShardConfig(model_every=32), "whole_shard": ShardConfig(model_every=10**9)}
+        annotate_images(iter_read(uris[:64]), predictor, variants["every_32"])  # warm up: model export, page cache
         seconds = {k: 0.0 for k in variants}
         faces = {}
         for _ in range(2):
             for name, settings in variants.items():
                 t0 = time.perf_counter()
-                images = [im for s in shards for im in annotate_images(s, predictor, settings)]
+                images = [
+                    im
+                    for s in shards
+                    for im in annotate_images(iter_read(s, window=read_window(settings)), predictor, settings)
+                ]
                 seconds[name] += time.perf_counter() - t0
                 kp = np.concatenate([np.stack(im.keypoints) for im in images if im.keypoints])
                 faces[name] = kp

@@ -17,7 +17,7 @@ import torch
 
 from fkd_core.examples import CANONICAL_MARGIN, inner_fraction
 from fkd_core.parquet_io import read_examples
-from fkd_core.train import TrainParams, fit
+from fkd_core.train import FitConfig, fit
 
 
 def main() -> None:
@@ -32,9 +32,9 @@ def main() -> None:
     inner = inner_fraction(CANONICAL_MARGIN)
     base = dict(epochs=args.epochs, schedule="cosine", min_lr=1e-6, patience=args.epochs, seed=0)
     variants = {
-        "ema_0.998_warmup": TrainParams(**base, ema_decay=0.998),
-        "ema_0.998_no_warmup": TrainParams(**base, ema_decay=0.998, ema_warmup=False),
-        "no_averaging": TrainParams(**base, ema_decay=0.0),
+        "ema_0.998_warmup": FitConfig(**base, ema_decay=0.998),
+        "ema_0.998_no_warmup": FitConfig(**base, ema_decay=0.998, ema_warmup=False),
+        "no_averaging": FitConfig(**base, ema_decay=0.0),
     }
     out: dict = {"epochs": args.epochs, "train": len(train[0]), "val": len(val[0])}
     for name, params in variants.items():

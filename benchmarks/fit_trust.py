@@ -344,7 +344,7 @@ def fit(args: argparse.Namespace) -> None:
 
 def write_model(args: argparse.Namespace, heads: tr.TrustHeads, report: dict) -> None:
     from fkd_core.checkpoint import config_uri, load_checkpoint
-    from fkd_core.parquet_io import read_json
+    from fkd_core.storage import read_json
 
     loaded = load_checkpoint(args.model)
     doc = read_json(config_uri(args.model))

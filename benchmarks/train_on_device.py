@@ -117,7 +117,7 @@ def run(data: str, name: str, out: str, device: str = "cuda") -> None:
     from fkd_core.checkpoint import load_checkpoint
     from fkd_core.examples import inner_fraction
     from fkd_core.metrics import PROFILE_YAW, yaw
-    from fkd_core.train import TrainParams, fit, predict_canonical
+    from fkd_core.train import FitConfig, fit, predict_canonical
 
     torch.set_num_threads(2)
     cv2.setNumThreads(1)
@@ -134,9 +134,9 @@ def run(data: str, name: str, out: str, device: str = "cuda") -> None:
     shipped = load_checkpoint() if "shipped" in (spec["stage1"], spec["stage2_init"]) else None
     log: dict = {"name": name, "spec": spec, "n_train": len(train[0]), "n_val": len(val[0])}
 
-    def params(epochs: int, lr: float) -> TrainParams:
+    def params(epochs: int, lr: float) -> FitConfig:
         # the shipped recipe (the library's defaults), run to the end: no early stopping
-        return TrainParams(epochs=epochs, lr=lr, patience=10**6, seed=spec.get("seed", 0))
+        return FitConfig(epochs=epochs, lr=lr, patience=10**6, seed=spec.get("seed", 0))
 
     if spec["stage1"] == "scratch":
         e1 = spec.get("epochs1", 100)
@@ -176,11 +176,11 @@ def seconds_per_epoch(data: str, device: str) -> dict:
 
     from fkd_core.align import AlignPolicy
     from fkd_core.examples import inner_fraction
-    from fkd_core.train import TrainParams, fit
+    from fkd_core.train import FitConfig, fit
 
     train, val = load(data, "person")
     inner = inner_fraction()
-    p = TrainParams(epochs=1)
+    p = FitConfig(epochs=1)
     fit((train[0][:320], train[1][:320]), (val[0][:32], val[1][:32]), params=p, inner=inner, device=device)
     out = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "torch": torch.__version__}
     for stage, kw in (("stage1", {}), ("stage2", {"align": AlignPolicy()})):

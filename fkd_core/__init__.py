@@ -7,8 +7,8 @@ pull in torch, OpenCV and ONNX Runtime.
 from importlib import import_module
 
 _EXPORTS = {
-    "AnnotateSettings": "fkd_core.annotate",
-    "run_shard": "fkd_core.annotate",
+    "ShardConfig": "fkd_core.annotate",
+    "annotate_shard": "fkd_core.annotate",
     "DEFAULT_MODEL": "fkd_core.checkpoint",
     "LoadedModel": "fkd_core.checkpoint",
     "load_checkpoint": "fkd_core.checkpoint",

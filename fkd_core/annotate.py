@@ -10,7 +10,7 @@ import datetime as dt
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -18,21 +18,15 @@ import numpy as np
 import pyarrow as pa
 
 from fkd_core.errors import ImageError
-from fkd_core.image_io import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_PIXELS,
-    decode_gray,
-    iter_read,
-    sha256_hex,
-    stable_reason,
-)
-from fkd_core.parquet_io import FACES_SCHEMA, IMAGES_SCHEMA, keypoint_column, part_uri, write_table
+from fkd_core.image_io import DEFAULT_MAX_PIXELS, decode_gray, sha256_hex
+from fkd_core.parquet_io import keypoint_column
 from fkd_core.predict import Face, Located, Predictor
+from fkd_core.storage import DEFAULT_MAX_BYTES, stable_reason
 from fkd_core.types import Box
 
 
 @dataclass(frozen=True)
-class AnnotateSettings:
+class ShardConfig:
     """How a shard is read and worked (the detector settings are the checkpoint's: see ``Predictor``)."""
 
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -74,7 +68,7 @@ class ShardCounts:
             setattr(self, k, getattr(self, k) + getattr(other, k))
 
 
-def _prepare(uri: str, data: bytes | ImageError, predictor: Predictor, s: AnnotateSettings) -> _Image:
+def _prepare(uri: str, data: bytes | ImageError, predictor: Predictor, s: ShardConfig) -> _Image:
     img = _Image(uri)
     if isinstance(data, ImageError):
         img.status, img.error = "error", str(data)
@@ -94,20 +88,27 @@ def _prepare(uri: str, data: bytes | ImageError, predictor: Predictor, s: Annota
     return img
 
 
+def read_window(s: ShardConfig) -> int:
+    """Files read ahead of the decoders: enough to keep every decode thread busy, few enough that memory holds a
+    few decoded images whatever the shard size."""
+    return 4 * (s.threads or os.cpu_count() or 1)
+
+
 def annotate_images(
-    uris: list[str],
+    reads: Iterable[tuple[str, bytes | ImageError]],
     predictor: Predictor,
-    s: AnnotateSettings = AnnotateSettings(),
+    s: ShardConfig = ShardConfig(),
     progress: Callable[[int], None] | None = None,
 ) -> list[_Image]:
-    """Annotate ``uris``: threads overlap I/O, decoding and Haar; the model runs batched on every ``s.model_every``
-    images as they come.
+    """Annotate files given as ``(uri, bytes or the error reading them raised)``, in order (``storage.iter_read``
+    streams them): threads overlap decoding and Haar; the model runs batched on every ``s.model_every`` images as
+    they come.
 
     Running the model as images come (instead of once per shard) keeps only that many images' crops in memory
     and lets ``progress(n)`` report images that are really done, ``n`` at a time.
     """
     threads = s.threads or os.cpu_count() or 1
-    window = 4 * threads  # images in flight: bounds memory to a few decoded images, whatever the shard size
+    window = read_window(s)
     images: list[_Image] = []
     batch: list[_Image] = []
 
@@ -125,7 +126,7 @@ def annotate_images(
 
     with ThreadPoolExecutor(threads) as pool:
         pending: deque = deque()
-        for u, d in iter_read(uris, s.max_bytes, window):
+        for u, d in reads:
             pending.append(pool.submit(_prepare, u, d, predictor, s))
             if len(pending) >= window:
                 take(pending.popleft().result())
@@ -188,29 +189,33 @@ def tables(images: list[_Image], model_id: str, created_at: dt.datetime) -> tupl
     return img_tbl, face_tbl
 
 
-def run_shard(
-    uris: list[str],
-    shard: int,
-    out: str,
-    run_id: str,
+@dataclass
+class ShardOutput:
+    """One annotated shard: its ``images`` and ``faces`` tables (without ``run_id``: it is the partition)."""
+
+    images: pa.Table
+    faces: pa.Table
+    counts: ShardCounts
+
+
+def annotate_shard(
+    reads: Iterable[tuple[str, bytes | ImageError]],
     predictor: Predictor,
-    s: AnnotateSettings = AnnotateSettings(),
+    s: ShardConfig = ShardConfig(),
     progress: Callable[[int], None] | None = None,
     versions: list[str | None] | None = None,
-) -> ShardCounts:
-    """Annotate one shard and write its parts; the ``images`` part goes last and marks the shard done.
+) -> ShardOutput:
+    """Annotate one shard's files, given as ``(uri, bytes or error)`` in order, into its tables; no storage I/O
+    (the annotate flow's task reads with ``storage.iter_read`` and writes the parts, ``faces`` first).
 
-    ``versions`` (one per URI, as listed) are written with the images, so ``--incremental`` sees replaced files.
+    ``versions`` (one per file, as listed) go into the images table, so ``--incremental`` sees replaced files.
     """
     t0 = time.perf_counter()
-    images = annotate_images(uris, predictor, s, progress)
+    images = annotate_images(reads, predictor, s, progress)
     for im, v in zip(images, versions or [None] * len(images), strict=True):
         im.version = v
     img_tbl, face_tbl = tables(images, predictor.model_id, dt.datetime.now(dt.UTC))
-    meta = {"model_id": predictor.model_id, "run_id": run_id}
-    write_table(face_tbl, part_uri(out, "faces", run_id, shard), FACES_SCHEMA, meta)
-    write_table(img_tbl, part_uri(out, "images", run_id, shard), IMAGES_SCHEMA, meta)
     c = ShardCounts(images=len(images), faces=face_tbl.num_rows, seconds=time.perf_counter() - t0)
     for im in images:
         setattr(c, im.status, getattr(c, im.status) + 1)
-    return c
+    return ShardOutput(img_tbl, face_tbl, c)

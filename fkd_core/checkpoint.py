@@ -6,21 +6,21 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import fsspec
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fkd_core.align import AlignPolicy
 from fkd_core.detect import DetectorConfig
-from fkd_core.errors import CheckpointError
+from fkd_core.errors import CheckpointError, ImageError
 from fkd_core.geometry import CropPolicy
 from fkd_core.model import NaimishNet, NaimishNetConfig
-from fkd_core.parquet_io import exists, read_json, write_bytes, write_json
 from fkd_core.resources import DEFAULT_MODEL, SAVED_MODELS
+from fkd_core.storage import exists, read_bytes, read_json, write_bytes, write_json
 from fkd_core.trust import TRUST_PREFIX, TrustHeads
 
 FORMAT = "fkd-naimishnet/1"
+MAX_CHECKPOINT_BYTES = 2 << 30  # far above two float32 stages at S = 224 (357 MB)
 REFINE_PREFIX = "refine."  # tensor names of the optional second (refining) stage in the same file
 __all__ = ["DEFAULT_MODEL", "SAVED_MODELS"]  # re-exported: the packaged checkpoint, as before
 
@@ -149,9 +149,9 @@ def load_checkpoint(weights_uri: str | Path = DEFAULT_MODEL) -> LoadedModel:
     if doc.get("format") != FORMAT:
         raise CheckpointError(f"{weights_uri}: unknown checkpoint format {doc.get('format')!r}, expected {FORMAT!r}")
     try:
-        blob = fsspec.open(weights_uri, "rb").open().read()
-    except FileNotFoundError as e:
-        raise CheckpointError(f"checkpoint weights not found: {weights_uri}") from e
+        blob = read_bytes(weights_uri, max_bytes=MAX_CHECKPOINT_BYTES)
+    except ImageError as e:
+        raise CheckpointError(f"checkpoint weights {weights_uri}: {e}") from e
     return _from_blob(blob, doc, weights_uri)
 
 

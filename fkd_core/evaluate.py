@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -14,12 +15,13 @@ from fkd_core.detect import match_box
 from fkd_core.errors import ImageError
 from fkd_core.examples import LabelledRow
 from fkd_core.geometry import crop_transform, normalise, square_from_box
-from fkd_core.image_io import join_uri, read_gray
+from fkd_core.image_io import decode_gray
 from fkd_core.metrics import mse, nme_per_face, yaw
 from fkd_core.parquet_io import keypoint_column
 from fkd_core.plots import draw_faces, montage
 from fkd_core.plots import risk_coverage_png as risk_coverage_png_of
 from fkd_core.predict import Face, Located, Predictor
+from fkd_core.storage import join_uri, read_bytes
 from fkd_core.types import Box
 
 EVAL_SCHEMA = pa.schema(
@@ -59,25 +61,42 @@ class FaceResult:
     face: Face | None = None  # the matched face with its trust columns
 
 
-def evaluate_rows(rows: list[LabelledRow], images: str, predictor: Predictor) -> list[FaceResult]:
+def read_images(image_ids: Iterable[str], images: str) -> Iterator[tuple[str, bytes | ImageError]]:
+    """Each image's bytes under ``images``, or the error reading them raised; read one at a time, as consumed."""
+    for image_id in image_ids:
+        try:
+            yield image_id, read_bytes(join_uri(images, image_id))
+        except ImageError as e:
+            yield image_id, e
+
+
+def evaluate_rows(
+    rows: list[LabelledRow], reads: Iterable[tuple[str, bytes | ImageError]], predictor: Predictor
+) -> list[FaceResult]:
     """Score labelled faces end to end, as annotate finds them: the predictor's detector, then its stages.
 
-    Rows naming the same image share one detection pass; the model runs batched over all the images' faces.
+    ``reads`` gives each image the rows name once, as ``(image_id, bytes or error)`` (:func:`read_images`); rows
+    naming the same image share one detection pass, and the model runs batched over all the images' faces.
     """
     by_image: dict[str, list[LabelledRow]] = {}
     for r in rows:
         by_image.setdefault(r.image_id, []).append(r)
     results: dict[str, list[FaceResult]] = {}  # per image, returned in the rows' order
     found: list[tuple[str, Located]] = []
-    for image_id in by_image:
+    for image_id, data in reads:
         try:
-            gray = read_gray(join_uri(images, image_id)).gray
+            if isinstance(data, ImageError):
+                raise data
+            gray = decode_gray(data).gray
         except ImageError as e:
             results[image_id] = [FaceResult(r, "error", error=str(e)) for r in by_image[image_id]]
             continue
         found.append((image_id, predictor.locate(gray)))
     for (image_id, loc), faces in zip(found, predictor.keypoints([loc for _, loc in found]), strict=True):
         results[image_id] = [_score(r, loc.boxes, faces, predictor) for r in by_image[image_id]]
+    missing = set(by_image) - set(results)
+    if missing:
+        raise ValueError(f"no image given for rows naming {sorted(missing)[:3]}")
     return [f for image_id in by_image for f in results[image_id]]
 
 
@@ -142,12 +161,17 @@ def results_table(results: list[FaceResult]) -> pa.Table:
     )
 
 
-def worst_montage(results: list[FaceResult], images: str, k: int = 12, tile: int = 200) -> np.ndarray:
-    """Tiles of the ``k`` worst matched faces: predicted points in colour, ground truth as white rings."""
-    matched = sorted((r for r in results if r.status == "matched"), key=lambda r: -(r.nme or 0))[:k]
+def worst(results: list[FaceResult], k: int = 12) -> list[FaceResult]:
+    """The ``k`` matched faces with the highest NME, worst first."""
+    return sorted((r for r in results if r.status == "matched"), key=lambda r: -(r.nme or 0))[:k]
+
+
+def worst_montage(faces: list[FaceResult], images: dict[str, bytes], tile: int = 200) -> np.ndarray:
+    """Tiles of ``faces`` (:func:`worst`), from their images' bytes by image id: predicted points in colour, ground
+    truth as white rings."""
     tiles = []
-    for r in matched:
-        gray = read_gray(join_uri(images, r.row.image_id)).gray
+    for r in faces:
+        gray = decode_gray(images[r.row.image_id]).gray
         img = draw_faces(gray, [r.box], [r.pred], truth=[r.row.keypoints], radius=1)
         b = r.box
         side = int(max(b.w, b.h) * 1.6)

@@ -1,7 +1,9 @@
-"""Ingestion of labelled images into training examples, one shard at a time (the ingest flow's work)."""
+"""Ingestion of labelled images into training examples, one shard at a time (the ingest flow's work): rows and
+their image bytes in, an examples table out."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,15 +23,15 @@ from fkd_core.examples import (
     pick_haar_box,
 )
 from fkd_core.geometry import CropPolicy, keypoint_extent_box
-from fkd_core.image_io import decode_gray, join_uri, read_bytes, sha256_hex
-from fkd_core.parquet_io import EXAMPLES_SCHEMA, keypoint_column, write_table
+from fkd_core.image_io import decode_gray, sha256_hex
+from fkd_core.parquet_io import EXAMPLES_SCHEMA, keypoint_column
+from fkd_core.storage import join_uri, read_bytes
 from fkd_core.types import Box
 
 
 @dataclass(frozen=True)
-class IngestSettings:
+class IngestShardConfig:
     images: str  # directory or prefix the CSV's file names are relative to
-    out: str  # examples dataset directory
     split_by: str = "person"
     val_fraction: float = 0.15
     seed: int = 0
@@ -55,7 +57,7 @@ class _Rows:
         self.cols: dict[str, list] = {name: [] for name in EXAMPLES_SCHEMA.names}
 
     def add(
-        self, row: LabelledRow, w: int, h: int, sha: str, gray: np.ndarray, box: Box, source: str, s: IngestSettings
+        self, row: LabelledRow, w: int, h: int, sha: str, gray: np.ndarray, box: Box, source: str, s: IngestShardConfig
     ):
         ex = make_example(gray, row.keypoints, box, s.policy, s.canonical_size, s.canonical_margin)
         c = self.cols
@@ -84,8 +86,18 @@ class _Rows:
         return tbl
 
 
-def _load(row: LabelledRow, s: IngestSettings) -> tuple[np.ndarray, int, int, str]:
-    data = read_bytes(join_uri(s.images, row.image_id))
+def read_rows(rows: list[LabelledRow], images: str) -> Iterator[tuple[LabelledRow, bytes | ImageError]]:
+    """Each row with its image file's bytes, or the error reading them raised; read one at a time, as consumed."""
+    for row in rows:
+        try:
+            yield row, read_bytes(join_uri(images, row.image_id))
+        except ImageError as e:
+            yield row, e
+
+
+def _decode(row: LabelledRow, data: bytes | ImageError) -> tuple[np.ndarray, int, int, str]:
+    if isinstance(data, ImageError):
+        raise data
     img = decode_gray(data)
     reason = check_inside(row.keypoints, img.width, img.height)
     if reason:
@@ -93,12 +105,16 @@ def _load(row: LabelledRow, s: IngestSettings) -> tuple[np.ndarray, int, int, st
     return img.gray, img.width, img.height, sha256_hex(data)
 
 
-def ingest_shard(rows: list[LabelledRow], shard: int, s: IngestSettings, source: str = "csv") -> ShardResult:
-    """Read, validate, detect and crop one shard of rows; writes ``part-<shard>.parquet`` of detector hits."""
+def ingest_shard(
+    reads: Iterable[tuple[LabelledRow, bytes | ImageError]], s: IngestShardConfig, source: str = "csv"
+) -> tuple[ShardResult, pa.Table | None]:
+    """Validate, detect and crop one shard of rows given with their image bytes (:func:`read_rows`); returns what
+    it found and the examples table of the detector's hits (None if there are none). No storage I/O: the ingest
+    flow's task reads and writes."""
     res, out = ShardResult(), _Rows()
-    for row in rows:
+    for row, data in reads:
         try:
-            gray, w, h, sha = _load(row, s)
+            gray, w, h, sha = _decode(row, data)
         except ImageError as e:
             res.refused.append(f"{source} row {row.row_number} ({row.image_id}): {e}")
             continue
@@ -109,23 +125,21 @@ def ingest_shard(rows: list[LabelledRow], shard: int, s: IngestSettings, source:
         res.kp_boxes.append(keypoint_extent_box(row.keypoints))
         res.det_boxes.append((box.x, box.y, box.w, box.h))
         out.add(row, w, h, sha, gray, box, "haar", s)
-    if len(out):
-        write_table(out.table(), join_uri(s.out, f"part-{shard:05d}.parquet"), EXAMPLES_SCHEMA)
     res.written = len(out)
-    return res
+    return res, (out.table() if len(out) else None)
 
 
-def ingest_misses(rows: list[LabelledRow], shard: int, mapping: BoxMapping, s: IngestSettings) -> ShardResult:
+def ingest_misses(
+    reads: Iterable[tuple[LabelledRow, bytes | ImageError]], mapping: BoxMapping, s: IngestShardConfig
+) -> tuple[ShardResult, pa.Table | None]:
     """Crop the rows the detector missed, with boxes derived from their keypoints by ``mapping``."""
     res, out = ShardResult(), _Rows()
-    for row in rows:
+    for row, data in reads:
         try:
-            gray, w, h, sha = _load(row, s)
+            gray, w, h, sha = _decode(row, data)
         except ImageError as e:  # pragma: no cover - it was readable a moment ago
             res.refused.append(f"row {row.row_number} ({row.image_id}): {e}")
             continue
         out.add(row, w, h, sha, gray, mapping.box_for(row.keypoints), "keypoints", s)
-    if len(out):
-        write_table(out.table(), join_uri(s.out, f"part-{shard:05d}.parquet"), EXAMPLES_SCHEMA)
     res.written = len(out)
-    return res
+    return res, (out.table() if len(out) else None)

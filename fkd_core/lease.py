@@ -69,7 +69,7 @@ from typing import Any
 import fsspec.asyn
 
 from fkd_core.errors import FkdError, UserError, is_transient
-from fkd_core.image_io import check_bucket, is_local, join_uri, url_to_fs
+from fkd_core.storage import check_bucket, is_local, join_uri, url_to_fs
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=-]*")
 _MAX_ERRORS = 20  # renewal errors kept for inspection

@@ -1,10 +1,8 @@
-"""Parquet schemas (the data contracts of docs/design.md) and writers/readers over fsspec."""
+"""Parquet schemas (the data contracts of docs/design.md), the Parquet writer, and dataset readers."""
 
 from __future__ import annotations
 
-import json
 import re
-import uuid
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,7 +10,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from fkd_core.image_io import is_local, join_uri, url_to_fs
+from fkd_core.storage import exists, join_uri, url_to_fs, write_bytes
 from fkd_core.types import NUM_KEYPOINTS
 
 KP_TYPE = pa.list_(pa.float32(), NUM_KEYPOINTS)
@@ -144,42 +142,6 @@ def _is_float(t: pa.DataType) -> bool:
 def _leaf_path(f: pa.Field) -> str:
     """The Parquet column path of a flat or list field (``keypoints_x.list.element``)."""
     return f"{f.name}.list.element" if pa.types.is_fixed_size_list(f.type) or pa.types.is_list(f.type) else f.name
-
-
-def write_json(obj: dict, uri: str) -> None:
-    """Write a JSON document atomically (same rule as :func:`write_table`)."""
-    write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), uri)
-
-
-def write_bytes(data: bytes, uri: str) -> None:
-    """Write a whole file atomically: write-then-rename locally, one PUT on an object store.
-
-    Local parent directories are created; on an object store nothing is created but the object itself (a
-    missing bucket is an error, never made).
-    """
-    fs, path = url_to_fs(uri)
-    if is_local(fs):
-        parent = path.rsplit("/", 1)[0]
-        fs.makedirs(parent, exist_ok=True)
-        # Hidden and not ending in .parquet, so neither our readers nor a `*.parquet` glob ever see it.
-        tmp = f"{parent}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.tmp"
-        fs.pipe_file(tmp, data)
-        fs.mv(tmp, path)
-    else:
-        fs.pipe_file(path, data)
-
-
-def read_json(uri: str) -> dict | None:
-    """A JSON document, or None if it does not exist."""
-    fs, path = url_to_fs(uri)
-    if not fs.exists(path):
-        return None
-    return json.loads(fs.cat_file(path))
-
-
-def exists(uri: str) -> bool:
-    fs, path = url_to_fs(uri)
-    return fs.exists(path)
 
 
 RUN_PARTITIONING = pads.partitioning(pa.schema([pa.field("run_id", pa.string())]), flavor="hive")

@@ -21,7 +21,7 @@ from fkd_core.detect import Detection, DetectorConfig, detect
 from fkd_core.examples import canonical_square
 from fkd_core.geometry import CropPolicy, CropTransform, crop_square, denormalise, square_from_box
 from fkd_core.model import DENSE_WIDTH, NaimishNet
-from fkd_core.parquet_io import read_json
+from fkd_core.storage import read_json
 from fkd_core.types import Box
 
 

@@ -1,6 +1,6 @@
 """The training recipe fkd ships, as plain values: no torch, no OpenCV, so configs and the CLI import it cheaply.
 
-``fkd_core.train.fit`` takes a :class:`TrainParams`; the train flow's config and ``fkd train``'s options take
+``fkd_core.train.fit`` takes a :class:`FitConfig`; the train flow's config and ``fkd train``'s options take
 their defaults from it, so there is one recipe.
 """
 
@@ -31,7 +31,7 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
-class TrainParams:
+class FitConfig:
     """The training recipe. The defaults are the one fkd ships (docs/model-card.md): Adam with the paper's values,
     a cosine decay to ``min_lr``, an exponential moving average of the weights, brightness and contrast jitter
     only. The train flow's config and the CLI take their defaults from here."""

@@ -17,8 +17,8 @@ import threading
 from collections.abc import Callable
 
 from fkd_core.errors import SourceNotFound
-from fkd_core.image_io import check_bucket, is_local, join_uri, url_to_fs
-from fkd_core.parquet_io import dataset, exists, read_json, write_json
+from fkd_core.parquet_io import dataset
+from fkd_core.storage import check_bucket, exists, is_local, join_uri, read_json, url_to_fs, write_json
 
 HEARTBEAT_SECONDS = 30.0
 STALE_HEARTBEATS = 4  # a record silent for this many beats belongs to a dead process

@@ -21,7 +21,7 @@ from fkd_core.errors import UserError
 from fkd_core.geometry import CropPolicy, affine_points, denormalise, normalise
 from fkd_core.metrics import nme_per_face
 from fkd_core.model import NaimishNet, NaimishNetConfig
-from fkd_core.recipe import TrainParams
+from fkd_core.recipe import FitConfig
 
 
 @dataclass
@@ -175,7 +175,7 @@ def fit(
     val: tuple[np.ndarray, np.ndarray],
     *,
     model_cfg: NaimishNetConfig = NaimishNetConfig(),
-    params: TrainParams = TrainParams(),
+    params: FitConfig = FitConfig(),
     inner: float,
     on_epoch: Callable[[EpochStats], None] | None = None,
     model: NaimishNet | None = None,
@@ -234,14 +234,14 @@ def fit(
     return model, history
 
 
-def _check(params: TrainParams) -> None:
+def _check(params: FitConfig) -> None:
     if params.schedule not in ("plateau", "cosine"):
         raise ValueError(f"schedule must be 'plateau' or 'cosine', got {params.schedule!r}")
     if not 0.0 <= params.ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {params.ema_decay}")
 
 
-def _scheduler(opt: torch.optim.Optimizer, params: TrainParams, steps_per_epoch: int):
+def _scheduler(opt: torch.optim.Optimizer, params: FitConfig, steps_per_epoch: int):
     """Cosine decay per step over the whole run, or halving on a validation plateau (stepped per epoch)."""
     if params.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -252,7 +252,7 @@ def _scheduler(opt: torch.optim.Optimizer, params: TrainParams, steps_per_epoch:
     )
 
 
-def _train_epoch(model, opt, sched, ema, train, params: TrainParams, inner, rng, align, device) -> float:
+def _train_epoch(model, opt, sched, ema, train, params: FitConfig, inner, rng, align, device) -> float:
     """One pass over the training examples in a random order; returns the epoch's mean training MSE."""
     crops, kps = train
     n = len(crops)

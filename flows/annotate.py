@@ -15,14 +15,15 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fkd_core.annotate import AnnotateSettings, ShardCounts, run_shard
+from fkd_core.annotate import ShardConfig, ShardCounts, read_window
+from fkd_core.annotate import annotate_shard as shard_tables
 from fkd_core.errors import RunConflict, UserError
-from fkd_core.image_io import Listing, SourceFile, check_bucket, check_exists, join_uri
 from fkd_core.image_io import list_source as list_files
 from fkd_core.lease import Lease, LeaseUnsupported, default_holder
-from fkd_core.parquet_io import IMAGES_SCHEMA, dataset, exists, part_uri, read_json, write_table
+from fkd_core.parquet_io import FACES_SCHEMA, IMAGES_SCHEMA, dataset, part_uri, write_table
 from fkd_core.predict import Predictor
 from fkd_core.runs import RunRecord, finished_counts
+from fkd_core.storage import Listing, SourceFile, check_bucket, check_exists, exists, iter_read, join_uri, read_json
 from flows._common import IO_RETRY, chunks, flat_parameters, markdown_table
 from flows.configs import AnnotateConfig
 from flows.progress import ProgressBoard, progress_sink
@@ -177,10 +178,18 @@ def annotate_shard(
     progress_key: str | None = None,
     versions: list[str | None] | None = None,
 ) -> ShardCounts:
-    """Annotate one shard end to end and write its Parquet parts (idempotent: reruns overwrite the same parts)."""
+    """Annotate one shard end to end: read its files (streamed), annotate them, write its Parquet parts, the
+    ``images`` part last as the mark of a finished shard (idempotent: reruns overwrite the same parts)."""
+    t0 = time.perf_counter()
     predictor = Predictor.from_checkpoint(model, refine=refine)
-    settings = AnnotateSettings(max_pixels=max_pixels, threads=shard_threads())
-    return run_shard(uris, shard, out, run_id, predictor, settings, progress_sink(progress_key), versions)
+    settings = ShardConfig(max_pixels=max_pixels, threads=shard_threads())
+    reads = iter_read(uris, settings.max_bytes, read_window(settings))
+    result = shard_tables(reads, predictor, settings, progress_sink(progress_key), versions)
+    meta = {"model_id": predictor.model_id, "run_id": run_id}
+    write_table(result.faces, part_uri(out, "faces", run_id, shard), FACES_SCHEMA, meta)
+    write_table(result.images, part_uri(out, "images", run_id, shard), IMAGES_SCHEMA, meta)
+    result.counts.seconds = time.perf_counter() - t0
+    return result.counts
 
 
 @task(**IO_RETRY)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fkd_core.align import AlignPolicy
 from fkd_core.image_io import DEFAULT_MAX_PIXELS
-from fkd_core.recipe import INPUT_SIZE, AugmentConfig, TrainParams
+from fkd_core.recipe import INPUT_SIZE, AugmentConfig, FitConfig
 from flows.settings import SERVED_MODEL, served_model
 
 
@@ -82,7 +82,7 @@ class EvaluateConfig(BaseModel):
     _model = model_validator(mode="after")(served_model)
 
 
-_RECIPE, _AUGMENT = TrainParams(), AugmentConfig()  # the shipped recipe: every default below comes from it
+_RECIPE, _AUGMENT = FitConfig(), AugmentConfig()  # the shipped recipe: every default below comes from it
 
 
 class TrainConfig(BaseModel):
@@ -135,7 +135,7 @@ class TrainConfig(BaseModel):
         AlignPolicy().side, gt=1, le=10, description="Refining stage: crop side in RMS radii of the keypoints"
     )
 
-    def params(self) -> TrainParams:
+    def params(self) -> FitConfig:
         """The library's recipe with this config's choices."""
         augment = (
             AugmentConfig(

@@ -11,17 +11,19 @@ from fkd_core.evaluate import (
     FaceResult,
     evaluate_rows,
     face_yaw,
+    read_images,
     results_table,
     risk_coverage_png,
     trust_metrics,
+    worst,
     worst_montage,
 )
 from fkd_core.examples import LabelledRow, assign_split
-from fkd_core.image_io import check_bucket, check_exists, join_uri
 from fkd_core.metrics import by_pose, summarise
-from fkd_core.parquet_io import write_bytes, write_json, write_table
+from fkd_core.parquet_io import write_table
 from fkd_core.plots import png_bytes
 from fkd_core.predict import Predictor
+from fkd_core.storage import check_bucket, check_exists, join_uri, write_bytes, write_json
 from flows._common import IO_RETRY, chunks, flat_parameters, markdown_table
 from flows.configs import EvaluateConfig
 from flows.ingest import read_csv
@@ -29,7 +31,25 @@ from flows.ingest import read_csv
 
 @task(**IO_RETRY)
 def score_shard(rows: list[LabelledRow], images: str, model: str) -> list[FaceResult]:
-    return evaluate_rows(rows, images, Predictor.from_checkpoint(model))
+    """Read a shard's images (one at a time) and score its labelled faces."""
+    image_ids = list(dict.fromkeys(r.image_id for r in rows))
+    return evaluate_rows(rows, read_images(image_ids, images), Predictor.from_checkpoint(model))
+
+
+@task(**IO_RETRY)
+def write_outputs(doc: dict, results: list[FaceResult], out: str, images: str, worst_k: int, title: str) -> None:
+    """metrics.json, faces.parquet, risk_coverage.png and worst.png (the worst faces' images read again)."""
+    write_json(doc, join_uri(out, "metrics.json"))
+    write_table(results_table(results), join_uri(out, "faces.parquet"))
+    curve = risk_coverage_png(results, title)
+    if curve is not None:
+        write_bytes(curve, join_uri(out, "risk_coverage.png"))
+    faces = worst(results, worst_k)
+    if faces:
+        pixels = dict(read_images(dict.fromkeys(r.row.image_id for r in faces), images))
+        pixels = {k: v for k, v in pixels.items() if not isinstance(v, Exception)}
+        faces = [r for r in faces if r.row.image_id in pixels]
+        write_bytes(png_bytes(worst_montage(faces, pixels)), join_uri(out, "worst.png"))
 
 
 def preflight(cfg: EvaluateConfig):
@@ -93,13 +113,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             loaded.model_id,
             fitted["auroc"],
         )
-    write_json(doc, join_uri(cfg.out, "metrics.json"))
-    write_table(results_table(results), join_uri(cfg.out, "faces.parquet"))
-    curve = risk_coverage_png(results, f"{loaded.model_id}, {cfg.split} split by {split_by}")
-    if curve is not None:
-        write_bytes(curve, join_uri(cfg.out, "risk_coverage.png"))
-    if cfg.worst and matched:
-        write_bytes(png_bytes(worst_montage(results, cfg.images, cfg.worst)), join_uri(cfg.out, "worst.png"))
+    title = f"{loaded.model_id}, {cfg.split} split by {split_by}"
+    write_outputs(doc, results, cfg.out, cfg.images, cfg.worst if matched else 0, title)
     row = {"model": loaded.model_id, "split": f"{cfg.split} ({split_by})", "pose": "all", **metrics}
     rows = [row] + [{"model": loaded.model_id, "split": row["split"], **p} for p in pose]
     create_table_artifact(key="evaluate-metrics", table=rows, description="fkd end-to-end metrics, by pose")

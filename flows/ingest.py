@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 
-import fsspec
 import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -15,9 +14,9 @@ from fkd_core.detect import DetectorConfig
 from fkd_core.errors import RowError
 from fkd_core.examples import BoxMapping, LabelledRow, parse_keypoints_csv
 from fkd_core.geometry import CropPolicy
-from fkd_core.image_io import check_bucket, check_exists, url_to_fs
-from fkd_core.ingest import IngestSettings, ShardResult, ingest_misses, ingest_shard
-from fkd_core.parquet_io import write_json
+from fkd_core.ingest import IngestShardConfig, ShardResult, ingest_misses, ingest_shard, read_rows
+from fkd_core.parquet_io import EXAMPLES_SCHEMA, write_table
+from fkd_core.storage import check_bucket, check_exists, join_uri, open_text, url_to_fs, write_json
 from flows._common import IO_RETRY, chunks, flat_parameters, markdown_table
 from flows.configs import IngestConfig
 
@@ -26,20 +25,36 @@ from flows.configs import IngestConfig
 def read_csv(uri: str) -> tuple[list[LabelledRow], list[str]]:
     """Parse the CSV (streamed line by line); returns the valid rows and the refusals."""
     rows, refused = [], []
-    with fsspec.open(uri, "rt", newline="") as f:
+    with open_text(uri) as f:
         for item in parse_keypoints_csv(f, source=uri.rsplit("/", 1)[-1]):
             (refused.append(str(item)) if isinstance(item, RowError) else rows.append(item))
     return rows, refused
 
 
 @task(**IO_RETRY)
-def process_shard(rows: list[LabelledRow], shard: int, settings: IngestSettings, source: str) -> ShardResult:
-    return ingest_shard(rows, shard, settings, source)
+def process_shard(
+    rows: list[LabelledRow],
+    shard: int,
+    settings: IngestShardConfig,
+    out: str,
+    source: str,
+    mapping: BoxMapping | None = None,
+) -> ShardResult:
+    """Read a shard's images, crop them, and write its examples part (idempotent: a retry rewrites the part).
+    With ``mapping``, the rows are ones the detector missed, cropped with boxes derived from their keypoints."""
+    reads = read_rows(rows, settings.images)
+    if mapping is None:
+        result, table = ingest_shard(reads, settings, source)
+    else:
+        result, table = ingest_misses(reads, mapping, settings)
+    if table is not None:
+        write_table(table, join_uri(out, f"part-{shard:05d}.parquet"), EXAMPLES_SCHEMA)
+    return result
 
 
 @task(**IO_RETRY)
-def process_misses(rows: list[LabelledRow], shard: int, mapping: BoxMapping, settings: IngestSettings) -> ShardResult:
-    return ingest_misses(rows, shard, mapping, settings)
+def write_report(report: dict, uri: str) -> None:
+    write_json(report, uri)
 
 
 @task
@@ -64,9 +79,8 @@ def ingest(cfg: IngestConfig) -> dict:
     log = get_run_logger()
     t0 = time.perf_counter()
     examples_uri = f"{cfg.out.rstrip('/')}/examples"
-    settings = IngestSettings(
+    settings = IngestShardConfig(
         images=cfg.images,
-        out=examples_uri,
         split_by=cfg.split_by,
         val_fraction=cfg.val_fraction,
         seed=cfg.seed,
@@ -80,7 +94,9 @@ def ingest(cfg: IngestConfig) -> dict:
     source = cfg.csv.rsplit("/", 1)[-1]
     with ThreadPoolTaskRunner(max_workers=cfg.workers) as runner:
         futures = [
-            runner.submit(process_shard, {"rows": s, "shard": i, "settings": settings, "source": source})
+            runner.submit(
+                process_shard, {"rows": s, "shard": i, "settings": settings, "out": examples_uri, "source": source}
+            )
             for i, s in enumerate(shards)
         ]
         results: list[ShardResult] = [f.result() for f in futures]
@@ -93,7 +109,7 @@ def ingest(cfg: IngestConfig) -> dict:
     )
     from_keypoints = 0
     if misses:
-        res = process_misses(misses, len(shards), mapping, settings)
+        res = process_shard(misses, len(shards), settings, examples_uri, source, mapping)
         from_keypoints = res.written
         refused += res.refused
     report = {
@@ -115,7 +131,7 @@ def ingest(cfg: IngestConfig) -> dict:
         "seed": cfg.seed,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    write_json(report, f"{cfg.out.rstrip('/')}/ingest_report.json")
+    write_report(report, f"{cfg.out.rstrip('/')}/ingest_report.json")
     log.info(
         "ingest: %d examples (%d Haar boxes, %d from keypoints), %d refused, %.1f s",
         report["rows_kept"],

@@ -16,11 +16,11 @@ from fkd_core.detect import DetectorConfig
 from fkd_core.errors import UserError
 from fkd_core.examples import CANONICAL_MARGIN, inner_fraction
 from fkd_core.geometry import CropPolicy
-from fkd_core.image_io import check_bucket, check_exists
 from fkd_core.metrics import nme_per_face
 from fkd_core.model import NaimishNetConfig
-from fkd_core.parquet_io import dataset, read_examples, read_json, write_bytes
+from fkd_core.parquet_io import dataset, read_examples
 from fkd_core.plots import loss_curve_png
+from fkd_core.storage import check_bucket, check_exists, read_json, write_bytes
 from fkd_core.train import EpochStats, History, fit, pack_trained, predict_canonical, start_model
 from flows._common import flat_parameters
 from flows.configs import TrainConfig

@@ -243,7 +243,7 @@ def _dotenv(path: Path) -> dict[str, str]:
     return values
 
 
-def test_compose_wires_server_store_and_worker():
+def test_compose_runs_the_prefect_server_on_postgres():
     text = (ROOT / "docker" / "compose.yaml").read_text()
     doc = yaml.safe_load(text)
     services = doc["services"]
@@ -266,6 +266,14 @@ def test_compose_wires_server_store_and_worker():
         assert ref is not None and ref.group(1) == key, (piece, key)
         assert _INTERPOLATION.fullmatch(pg_env[key]).group(1) == key
 
+
+def _compose() -> tuple[str, dict]:
+    text = (ROOT / "docker" / "compose.yaml").read_text()
+    return text, yaml.safe_load(text)["services"]
+
+
+def test_compose_publishes_nothing_beyond_this_machine_and_holds_no_literal_credential():
+    text, services = _compose()
     # published ports are reachable from this machine only
     for name, service in services.items():
         for port in service.get("ports", []):
@@ -289,6 +297,9 @@ def test_compose_wires_server_store_and_worker():
     missing = sorted(var for var in required if not example.get(var))
     assert not missing, f"not defined in docker/.env.example: {missing}"
 
+
+def test_compose_wires_the_worker_to_the_server_and_the_store():
+    _, services = _compose()
     env = _environment(services["worker"])
     assert env["AWS_ACCESS_KEY_ID"] == _environment(services["s3"])["MINIO_ROOT_USER"]
     assert env["AWS_SECRET_ACCESS_KEY"] == _environment(services["s3"])["MINIO_ROOT_PASSWORD"]

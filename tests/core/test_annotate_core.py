@@ -6,12 +6,13 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 
-from fkd_core.annotate import AnnotateSettings, annotate_images, run_shard, tables
+from fkd_core.annotate import ShardConfig, annotate_images, annotate_shard, tables
 from fkd_core.geometry import CropPolicy
 from fkd_core.image_io import list_images
 from fkd_core.model import NaimishNet
-from fkd_core.parquet_io import FACES_SCHEMA, IMAGES_SCHEMA
+from fkd_core.parquet_io import FACES_SCHEMA, IMAGES_SCHEMA, part_uri, write_table
 from fkd_core.predict import Predictor
+from fkd_core.storage import iter_read
 
 
 class _Centre(NaimishNet):
@@ -24,7 +25,7 @@ class _Centre(NaimishNet):
 def test_shard_statuses_and_keypoints_in_original_pixels(corrupt_dir, tmp_path):
     pred = Predictor(_Centre().eval(), CropPolicy(), backend="torch")
     uris = list_images(str(corrupt_dir))
-    images = annotate_images(uris, pred, AnnotateSettings(max_pixels=20_000_000))
+    images = annotate_images(iter_read(uris), pred, ShardConfig(max_pixels=20_000_000))
     by_name = {im.uri.rsplit("/", 1)[-1]: im for im in images}
     assert [im.uri for im in images] == uris
     for bad in ("truncated.jpg", "empty.jpg", "not_an_image.png", "garbage.jpg", "bomb.png"):
@@ -40,8 +41,12 @@ def test_shard_statuses_and_keypoints_in_original_pixels(corrupt_dir, tmp_path):
         assert np.allclose(kp, [box.cx - 0.5, box.cy + CropPolicy().shift_y * box.h - 0.5], atol=0.01)
     img_tbl, face_tbl = tables(images, "m-000000000000", dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
     assert img_tbl.num_rows == len(uris) and face_tbl.num_rows == sum(len(im.boxes) for im in images)
-    counts = run_shard(uris, 7, str(tmp_path), "r", pred, AnnotateSettings(max_pixels=20_000_000))
-    assert (counts.images, counts.error, counts.no_face, counts.faces) == (len(uris), 5, 1, face_tbl.num_rows)
-    written = pq.read_table(tmp_path / "images" / "run_id=r" / "part-00007.parquet")
-    assert written.schema.equals(IMAGES_SCHEMA)
-    assert pq.read_table(tmp_path / "faces" / "run_id=r" / "part-00007.parquet").schema.equals(FACES_SCHEMA)
+    # the shard function takes bytes and returns tables; what it returns is what the contracts accept
+    out = annotate_shard(iter_read(uris), pred, ShardConfig(max_pixels=20_000_000))
+    c = out.counts
+    assert (c.images, c.error, c.no_face, c.faces) == (len(uris), 5, 1, face_tbl.num_rows)
+    for name, tbl, schema in (("faces", out.faces, FACES_SCHEMA), ("images", out.images, IMAGES_SCHEMA)):
+        write_table(tbl, part_uri(str(tmp_path), name, "r", 7), schema, {"model_id": pred.model_id})
+        written = pq.read_table(tmp_path / name / "run_id=r" / "part-00007.parquet")
+        assert written.schema.remove_metadata().equals(schema) and written.num_rows == tbl.num_rows
+        assert written.schema.metadata[b"fkd.model_id"] == pred.model_id.encode()

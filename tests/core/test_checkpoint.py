@@ -100,12 +100,13 @@ def test_onnx_runtime_path_equals_eager_torch():
         Predictor(model, CropPolicy(), backend="tensorrt")
 
 
-def test_two_stage_checkpoint_round_trip_and_refusals(tmp_path):
+def _save_two(tmp_path, first=None) -> tuple[str, str, NaimishNet, NaimishNet]:
+    """A two-stage float32 checkpoint at tmp_path/two.safetensors (``first``, or a new first stage, and a new
+    second stage): (uri, model id, first, second)."""
     from fkd_core.align import AlignPolicy
 
-    first, second = NaimishNet().eval(), NaimishNet().eval()
+    first, second = (first or NaimishNet()).eval(), NaimishNet().eval()
     uri = str(tmp_path / "two.safetensors")
-    align = AlignPolicy(side=3.5, context_size=160)
     mid = save_checkpoint(
         first,
         uri,
@@ -114,27 +115,29 @@ def test_two_stage_checkpoint_round_trip_and_refusals(tmp_path):
         meta={},
         dtype=torch.float32,
         refine=second,
-        align=align,
+        align=AlignPolicy(side=3.5, context_size=160),
     )
+    return uri, mid, first, second
+
+
+def test_two_stage_checkpoint_round_trip(tmp_path):
+    from fkd_core.align import AlignPolicy
+
+    uri, mid, first, second = _save_two(tmp_path)
     loaded = load_checkpoint(uri)
     x = torch.rand(2, 1, 96, 96)
     assert torch.equal(loaded.model(x), first(x)) and torch.equal(loaded.refine(x), second(x))
-    assert loaded.align == align and loaded.model_id == mid
+    assert loaded.align == AlignPolicy(side=3.5, context_size=160) and loaded.model_id == mid
     # the id covers both stages: another second stage is another model
-    other = save_checkpoint(
-        first,
-        str(tmp_path / "two.safetensors"),
-        policy=CropPolicy(),
-        detector=DetectorConfig(),
-        meta={},
-        dtype=torch.float32,
-        refine=NaimishNet().eval(),
-        align=align,
-    )
-    assert other != mid
+    (tmp_path / "other").mkdir()
+    assert _save_two(tmp_path / "other", first)[1] != mid
     # one-stage checkpoints load without a refining stage
     _, one, _ = _save(tmp_path)
     assert load_checkpoint(one).refine is None and load_checkpoint(one).align is None
+
+
+def test_a_two_stage_config_that_does_not_fit_its_tensors_is_refused_naming_them(tmp_path):
+    _, one, _ = _save(tmp_path)
     # a config that claims a second stage the file does not hold is refused, naming the missing tensors
     doc = json.loads((tmp_path / "m.json").read_text())
     doc["refine"] = {"model": {"input_size": 96, "num_keypoints": 68}, "align": {"side": 3.8}}
@@ -142,6 +145,7 @@ def test_two_stage_checkpoint_round_trip_and_refusals(tmp_path):
     with pytest.raises(CheckpointError, match=r"missing \['refine.features.0.bias'"):
         load_checkpoint(one)
     # a second stage whose config does not fit its tensors is refused naming the tensor
+    uri, _, first, second = _save_two(tmp_path)
     doc = json.loads((tmp_path / "two.json").read_text())
     doc["refine"]["model"]["input_size"] = 224
     (tmp_path / "two.json").write_text(json.dumps(doc))

@@ -91,7 +91,7 @@ def test_read_missing_file_names_it(tmp_path):
 def test_iter_read_keeps_order_and_reports_errors_over_a_remote_filesystem():
     import fsspec
 
-    from fkd_core.image_io import iter_read
+    from fkd_core.storage import iter_read
 
     fs = fsspec.filesystem("memory")
     uris = []

@@ -4,7 +4,7 @@ import torch
 
 from fkd_core.augment import AugmentConfig, sample_batch
 from fkd_core.geometry import denormalise
-from fkd_core.train import TrainParams, evaluate_arrays, fit
+from fkd_core.train import FitConfig, evaluate_arrays, fit
 
 
 def _toy(n=24, seed=0):
@@ -67,7 +67,7 @@ def _bright_centroid(img: np.ndarray) -> np.ndarray:
 
 def test_fit_is_deterministic_and_learns():
     crops, kp = _toy()
-    params = TrainParams(epochs=3, batch_size=8, patience=5, seed=7)
+    params = FitConfig(epochs=3, batch_size=8, patience=5, seed=7)
     torch.set_num_threads(1)
     m1, h1 = fit((crops, kp), (crops[:8], kp[:8]), params=params, inner=1 / 1.5)
     m2, h2 = fit((crops, kp), (crops[:8], kp[:8]), params=params, inner=1 / 1.5)
@@ -83,8 +83,8 @@ def test_with_an_average_both_weights_are_validated_and_the_better_is_kept():
     val = (crops[:8], kp[:8])
     torch.set_num_threads(1)
     base = dict(epochs=3, batch_size=8, patience=5, seed=3)
-    m_raw, h_raw = fit((crops, kp), val, params=TrainParams(**base, ema_decay=0.0), inner=1 / 1.5)
-    m_ema, h_ema = fit((crops, kp), val, params=TrainParams(**base, ema_decay=0.5), inner=1 / 1.5)
+    m_raw, h_raw = fit((crops, kp), val, params=FitConfig(**base, ema_decay=0.0), inner=1 / 1.5)
+    m_ema, h_ema = fit((crops, kp), val, params=FitConfig(**base, ema_decay=0.5), inner=1 / 1.5)
     # averaging never touches the optimiser's trajectory ...
     assert [e.train_mse for e in h_ema.epochs] == [e.train_mse for e in h_raw.epochs]
     assert [e.raw_val_nme for e in h_ema.epochs] == [e.val_nme for e in h_raw.epochs]
@@ -96,7 +96,7 @@ def test_with_an_average_both_weights_are_validated_and_the_better_is_kept():
     _, nme = evaluate_arrays(m_ema, *val, 1 / 1.5)
     assert abs(nme - h_ema.best.val_nme) < 1e-6 and h_ema.best.val_nme <= h_raw.best.val_nme
     # with a vanishing decay the average is the current weights
-    m_0, _ = fit((crops, kp), val, params=TrainParams(**base, ema_decay=1e-12), inner=1 / 1.5)
+    m_0, _ = fit((crops, kp), val, params=FitConfig(**base, ema_decay=1e-12), inner=1 / 1.5)
     for a, b in zip(m_raw.state_dict().values(), m_0.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
 
@@ -104,15 +104,15 @@ def test_with_an_average_both_weights_are_validated_and_the_better_is_kept():
 def test_cosine_schedule_decays_to_min_lr_and_bad_values_are_refused():
     crops, kp = _toy(16)
     torch.set_num_threads(1)
-    params = TrainParams(epochs=3, batch_size=8, patience=5, schedule="cosine", min_lr=1e-5)
+    params = FitConfig(epochs=3, batch_size=8, patience=5, schedule="cosine", min_lr=1e-5)
     _, h = fit((crops, kp), (crops[:4], kp[:4]), params=params, inner=1 / 1.5)
     lrs = [e.lr for e in h.epochs]
     assert lrs == sorted(lrs, reverse=True) and lrs[0] < 1e-3
     assert abs(lrs[-1] - 1e-5) < 1e-9
     with pytest.raises(ValueError, match="schedule must be"):
-        fit((crops, kp), (crops[:4], kp[:4]), params=TrainParams(schedule="step"), inner=1 / 1.5)
+        fit((crops, kp), (crops[:4], kp[:4]), params=FitConfig(schedule="step"), inner=1 / 1.5)
     with pytest.raises(ValueError, match="ema_decay must be"):
-        fit((crops, kp), (crops[:4], kp[:4]), params=TrainParams(ema_decay=1.0), inner=1 / 1.5)
+        fit((crops, kp), (crops[:4], kp[:4]), params=FitConfig(ema_decay=1.0), inner=1 / 1.5)
 
 
 def test_the_weight_average_warms_up_so_a_short_run_is_not_its_starting_point():
@@ -129,8 +129,8 @@ def test_the_weight_average_warms_up_so_a_short_run_is_not_its_starting_point():
     val = (crops[:8], kp[:8])
     torch.set_num_threads(1)
     base = dict(epochs=3, batch_size=8, patience=5, seed=3, ema_decay=0.998)
-    _, warm = fit((crops, kp), val, params=TrainParams(**base), inner=1 / 1.5)
-    _, cold = fit((crops, kp), val, params=TrainParams(**base, ema_warmup=False), inner=1 / 1.5)
+    _, warm = fit((crops, kp), val, params=FitConfig(**base), inner=1 / 1.5)
+    _, cold = fit((crops, kp), val, params=FitConfig(**base, ema_warmup=False), inner=1 / 1.5)
     lag = {k: h.epochs[-1].averaged_val_nme - h.epochs[-1].raw_val_nme for k, h in (("warm", warm), ("cold", cold))}
     assert 0 < 2 * lag["warm"] < lag["cold"], lag
     # and whichever it is, the run keeps weights at least as good as the raw ones

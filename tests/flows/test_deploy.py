@@ -271,30 +271,13 @@ def test_sigterm_stops_serve_fast_and_the_interrupted_run_resumes_and_a_killed_o
         stop(serve.proc)
 
 
-def test_prefect_yaml_deploys_from_fkd_settings_and_a_worker_runs_it_without_a_checkout(
-    server, tmp_path, sample_dir, model_path
-):
-    home = tmp_path / "home"
-    env = client_env(server, home) | {
-        "FKD_NIGHTLY_SOURCE": "s3://images/incoming",
-        "FKD_NIGHTLY_OUT": "s3://keypoints/out",
-        "FKD_NIGHTLY_CRON": "30 3 * * *",
-    }
-    prefect = str(BIN / "prefect")
-    pool = subprocess.run(
-        [prefect, "work-pool", "create", "fkd-cpu", "--type", "process"], env=env, capture_output=True
-    )
-    assert pool.returncode == 0, pool.stdout + pool.stderr
-    work = tmp_path / "not-a-checkout"
-    work.mkdir()
-    deployed = subprocess.run(
-        [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(ROOT / "prefect.yaml")],
-        env=env,
-        cwd=work,
-        capture_output=True,
-        text=True,
-    )
-    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+def _prefect(*args: str, env: dict, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The ``prefect`` CLI of this environment, its output captured as text."""
+    return subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=cwd, capture_output=True, text=True)
+
+
+def _check_pool_deployments(server) -> None:
+    """What ``prefect deploy --all`` made of prefect.yaml and the fkd settings."""
     with api_client(server) as c:
         deps = {(d["entrypoint"], d["name"]): d for d in c.post("/deployments/filter", json={}).json()}
     nightly = deps[("flows.annotate:annotate", "nightly-incremental-pool")]
@@ -305,28 +288,11 @@ def test_prefect_yaml_deploys_from_fkd_settings_and_a_worker_runs_it_without_a_c
     for flow in ("annotate", "ingest", "train", "evaluate"):
         assert deps[(f"flows.{flow}:{flow}", "on-demand-pool")]["work_pool_name"] == "fkd-cpu"
 
-    # a setting that is not set fails the deploy, naming it
-    unset = {k: v for k, v in env.items() if k != "FKD_NIGHTLY_OUT"}
-    failed = subprocess.run(
-        [
-            prefect,
-            "--no-prompt",
-            "deploy",
-            "--name",
-            "nightly-incremental-pool",
-            "--prefect-file",
-            str(ROOT / "prefect.yaml"),
-        ],
-        env=unset,
-        cwd=work,
-        capture_output=True,
-        text=True,
-    )
-    assert failed.returncode != 0 and "nightly_out is not set" in failed.stdout + failed.stderr
 
-    # a worker where fkd is installed, started outside the checkout, runs the on-demand deployment
+def _run_on_the_pool(server, env: dict, work: Path, tmp_path: Path, sample_dir: Path, model_path: str) -> None:
+    """A worker where fkd is installed, started outside the checkout, runs the on-demand deployment."""
     worker = subprocess.Popen(
-        [prefect, "worker", "start", "--pool", "fkd-cpu"],
+        [str(BIN / "prefect"), "worker", "start", "--pool", "fkd-cpu"],
         env=env,
         cwd=work,
         stdout=open(tmp_path / "worker.log", "w"),
@@ -335,12 +301,9 @@ def test_prefect_yaml_deploys_from_fkd_settings_and_a_worker_runs_it_without_a_c
     )
     try:
         out = tmp_path / "pool-out"
-        started = subprocess.run(
-            [prefect, "deployment", "run", "annotate/on-demand-pool", "--param", f"source={sample_dir / 'photos'}"]
-            + ["--param", f"out={out}", "--param", f"model={model_path}"],
-            env=env,
-            capture_output=True,
-            text=True,
+        params = [f"source={sample_dir / 'photos'}", f"out={out}", f"model={model_path}"]
+        started = _prefect(
+            "deployment", "run", "annotate/on-demand-pool", *(a for p in params for a in ("--param", p)), env=env
         )
         assert started.returncode == 0, started.stdout + started.stderr
         run = re.search(r"flow-run/([0-9a-f-]{36})", started.stdout).group(1)
@@ -349,13 +312,49 @@ def test_prefect_yaml_deploys_from_fkd_settings_and_a_worker_runs_it_without_a_c
         assert record["status"] == "completed" and record["counts"]["faces"] == 7
     finally:
         stop(worker)
+
+
+def test_prefect_yaml_deploys_from_fkd_settings_and_a_worker_runs_it_without_a_checkout(
+    server, tmp_path, sample_dir, model_path
+):
+    env = client_env(server, tmp_path / "home") | {
+        "FKD_NIGHTLY_SOURCE": "s3://images/incoming",
+        "FKD_NIGHTLY_OUT": "s3://keypoints/out",
+        "FKD_NIGHTLY_CRON": "30 3 * * *",
+    }
+    pool = _prefect("work-pool", "create", "fkd-cpu", "--type", "process", env=env)
+    assert pool.returncode == 0, pool.stdout + pool.stderr
+    work = tmp_path / "not-a-checkout"
+    work.mkdir()
+    prefect_yaml = str(ROOT / "prefect.yaml")
+    deployed = _prefect("--no-prompt", "deploy", "--all", "--prefect-file", prefect_yaml, env=env, cwd=work)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    _check_pool_deployments(server)
+    # a setting that is not set fails the deploy, naming it
+    unset = {k: v for k, v in env.items() if k != "FKD_NIGHTLY_OUT"}
+    failed = _prefect(
+        "--no-prompt",
+        "deploy",
+        "--name",
+        "nightly-incremental-pool",
+        "--prefect-file",
+        prefect_yaml,
+        env=unset,
+        cwd=work,
+    )
+    assert failed.returncode != 0 and "nightly_out is not set" in failed.stdout + failed.stderr
+    _run_on_the_pool(server, env, work, tmp_path, sample_dir, model_path)
     # `fkd serve` does not take over a deployment of one of its names that lives on a work pool
-    taken = subprocess.run(
-        [prefect, "--no-prompt", "deploy", "flows.annotate:annotate", "--name", "on-demand", "--pool", "fkd-cpu"],
+    taken = _prefect(
+        "--no-prompt",
+        "deploy",
+        "flows.annotate:annotate",
+        "--name",
+        "on-demand",
+        "--pool",
+        "fkd-cpu",
         env=env,
         cwd=work,
-        capture_output=True,
-        text=True,
     )
     assert taken.returncode == 0, taken.stdout[-2000:] + taken.stderr[-2000:]
     refused = subprocess.run(

@@ -80,7 +80,7 @@ def test_a_url_chain_in_a_key_on_a_bucket_is_just_a_name(tmp_path, s3fs_clean, s
     assert rows["s3://fkd-hostile/in/a::b.jpg"]["n_faces"] == 2
     # a store read is cut off at its deadline (here far shorter than the request), recorded as the file's reason
     from fkd_core.errors import ImageError
-    from fkd_core.image_io import read_bytes
+    from fkd_core.storage import read_bytes
 
     with pytest.raises(ImageError, match=r"read took longer than 0.0001 s"):
         read_bytes("s3://fkd-hostile/in/a::b.jpg", max_seconds=0.0001)

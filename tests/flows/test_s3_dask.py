@@ -200,7 +200,7 @@ def test_buckets_are_never_created_and_an_empty_prefix_is_a_run_with_nothing_to_
     assert json.loads(s3fs_clean.cat_file("fkd-src/out/runs/quiet.json"))["status"] == "completed"
     assert "nobucket" not in s3fs_clean.ls("")
     # below the checks too: writing into a missing bucket fails, it does not make the bucket
-    from fkd_core.parquet_io import write_json
+    from fkd_core.storage import write_json
 
     with pytest.raises(FileNotFoundError):
         write_json({"a": 1}, "s3://nobucket2/out/runs/x.json")

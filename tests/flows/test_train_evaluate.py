@@ -168,16 +168,16 @@ def test_refining_stage_is_trained_for_a_first_stage_and_used_end_to_end(tmp_pat
 
 
 def test_the_flow_and_the_cli_train_with_the_librarys_recipe():
-    """One recipe: a train config given nothing but its examples is the library's TrainParams, and the CLI's
+    """One recipe: a train config given nothing but its examples is the library's FitConfig, and the CLI's
     defaults are the config's (they are generated from it)."""
     from typer.testing import CliRunner
 
-    from fkd_core.train import TrainParams
+    from fkd_core.train import FitConfig
     from flows.cli import app
     from flows.train import TrainConfig
 
-    assert TrainConfig(examples="x").params() == TrainParams()
+    assert TrainConfig(examples="x").params() == FitConfig()
     help_text = CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output
-    for option, value in (("--epochs", TrainParams().epochs), ("--ema-decay", TrainParams().ema_decay)):
+    for option, value in (("--epochs", FitConfig().epochs), ("--ema-decay", FitConfig().ema_decay)):
         block = help_text.split(option + " ", 1)[1].split("--", 1)[0]  # the option's own help
         assert f"default: {value}" in block and f"FKD_TRAIN_{option[2:].upper().replace('-', '_')}" in block, block
