@@ -246,7 +246,7 @@ class Predictor:
             first.astype(np.float64),
             [p.astype(np.float64) for p in passes],
             boxes,
-            np.array([_score_of(loc, j) or np.nan for loc in located for j in range(len(loc.boxes))], np.float64),
+            np.array([_nan_if_none(_score_of(loc, j)) for loc in located for j in range(len(loc.boxes))]),
             np.array([loc.fallback for loc, n in per_face for _ in range(n)]),
             np.array([loc.image_side for loc, n in per_face for _ in range(n)], np.float64),
             np.array([n for _, n in per_face for _ in range(n)], np.float64),
@@ -283,6 +283,10 @@ def _score_of(loc: Located, j: int) -> float | None:
     if len(loc.scores) != len(loc.boxes) or not np.isfinite(loc.scores[j]):
         return None
     return float(loc.scores[j])
+
+
+def _nan_if_none(x: float | None) -> float:
+    return float("nan") if x is None else x
 
 
 FIRST_STAGE_SUFFIX = "+first-stage"

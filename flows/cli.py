@@ -133,8 +133,10 @@ def flow_command(name: str):
 
         def command(**values):
             if settings:
-                s = _settings(**{k: values[k] for k in settings})
+                s = _settings(**{k: values[k] for k in settings})  # warns about misspelt FKD_* variables too
                 values |= {k: getattr(s, k) for k in settings}
+            else:
+                _warn_unknown_variables()
             run(_config(cfg_cls, name, **values))
 
         command.__signature__ = inspect.Signature([parameter(f) for f in fields])
@@ -174,11 +176,17 @@ def serve(
         _fail(str(e))
 
 
-def _settings(**overrides):
-    from flows.settings import SettingsError, load_settings, unknown_variables
+def _warn_unknown_variables() -> None:
+    from flows.settings import unknown_variables
 
     for warning in unknown_variables():
         typer.echo(f"fkd: {warning}", err=True)
+
+
+def _settings(**overrides):
+    from flows.settings import SettingsError, load_settings
+
+    _warn_unknown_variables()
     try:
         return load_settings(**overrides)
     except SettingsError as e:
