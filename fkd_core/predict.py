@@ -160,6 +160,8 @@ class Predictor:
     def locate(self, gray: np.ndarray, boxes: list[Box] | None = None) -> Located:
         """Find the faces of a grayscale image (with this checkpoint's detector settings, unless ``boxes`` are
         given) and cut every crop the model stages need. Safe to call from many threads at once."""
+        if gray is None:  # what cv2.imread gives for a path it cannot read
+            raise ValueError("no image (None): was it read from a path that does not exist?")
         if boxes is None:
             dets = detect(gray, self.detector)
         else:

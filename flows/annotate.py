@@ -281,6 +281,9 @@ def annotate(cfg: AnnotateConfig) -> dict:
     predictor = Predictor.from_checkpoint(cfg.model, refine=cfg.refine)
     run_id = cfg.run_id or new_run_id()
     log = get_run_logger()
+    if predictor.trust is None:
+        why = "first stage only (--no-refine)" if not predictor.refines else "no trust heads (benchmarks/fit_trust.py)"
+        log.warning("%s: face_prob and quality will be null: %s", predictor.model_id, why)
     with _leases(cfg, run_id, log) as leases:
         return _annotate(cfg, predictor, run_id, log, leases)
 

@@ -116,7 +116,11 @@ def flow_command(name: str):
         env = env_var(name, field)
         if field in settings:
             # resolved by load_settings (flag > FKD_* > fkd.toml > default), which names the culprit of a bad value
-            option = typer.Option(help=f"{f.description} (env var: {env}, or the settings file)")
+            from flows.settings import FkdSettings
+
+            default_value = FkdSettings.model_fields[field].default
+            shown = "" if field == "model" else f"; default: {default_value}"  # model's description says it
+            option = typer.Option(help=f"{f.description} (env var: {env}, or the settings file{shown})")
             typ, default = _cli_type(f.annotation) | None, None
         else:
             option = typer.Option(help=f.description, envvar=env, show_envvar=True)

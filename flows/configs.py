@@ -25,7 +25,9 @@ class AnnotateConfig(BaseModel):
     source: str = Field(description="Image directory, bucket prefix (s3://...), any fsspec URL, or one image")
     out: str = Field(description="Output directory or prefix: images/, faces/ and runs/ go under it")
     run_id: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]+$", description="Run id; rerunning an existing one resumes it"
+        None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Run id; rerunning an existing one resumes it (default: a new id from the start time)",
     )
     model: str | None = Field(None, description=f"Checkpoint (.safetensors, its .json beside it); {SERVED_MODEL}")
     shard_size: int = Field(500, ge=1, le=100_000, description="Images per task")
@@ -71,12 +73,16 @@ class EvaluateConfig(BaseModel):
     images: str = Field(description="Directory or bucket prefix of the CSV's images")
     out: str = Field(description="Where metrics.json, faces.parquet, worst.png and risk_coverage.png are written")
     model: str | None = Field(None, description=f"Checkpoint (.safetensors); {SERVED_MODEL}")
-    split: str = Field("all", pattern="^(all|train|val)$", description="Score all rows or one split of them")
-    split_by: str | None = Field(None, pattern="^(person|frame)$", description="Default: the checkpoint's")
-    val_fraction: float | None = Field(None, ge=0, lt=1, description="Default: the checkpoint's")
-    seed: int | None = Field(None, description="Split seed; default: the checkpoint's")
-    shard_size: int = Field(500, ge=1)
-    workers: int = Field(2, ge=1, le=64)
+    split: str = Field("all", pattern="^(all|train|val)$", description="Score all rows, or the train or val split")
+    split_by: str | None = Field(
+        None, pattern="^(person|frame)$", description="How rows split: person or frame (default: the checkpoint's)"
+    )
+    val_fraction: float | None = Field(
+        None, ge=0, lt=1, description="Share held out for val, 0-1 (default: the checkpoint's)"
+    )
+    seed: int | None = Field(None, description="Split seed (default: the checkpoint's)")
+    shard_size: int = Field(500, ge=1, description="Labelled rows per task")
+    workers: int = Field(2, ge=1, le=64, description="Shards scored at once")
     worst: int = Field(12, ge=0, le=100, description="Faces in the worst-case montage")
 
     _model = model_validator(mode="after")(served_model)

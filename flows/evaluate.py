@@ -119,6 +119,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     rows = [row] + [{"model": loaded.model_id, "split": row["split"], **p} for p in pose]
     create_table_artifact(key="evaluate-metrics", table=rows, description="fkd end-to-end metrics, by pose")
     log.info("metrics:\n%s", markdown_table(rows))
+    if loaded.trust is None:
+        log.warning("%s has no trust heads: no trust section and no risk_coverage.png", loaded.model_id)
     if doc["trust"]:
         create_table_artifact(
             key="evaluate-trust", table=[doc["trust"]], description="how well quality sorts out the failures"
