@@ -15,14 +15,13 @@ from fkd_core.detect import DetectorConfig
 from fkd_core.errors import CheckpointError, ImageError
 from fkd_core.geometry import CropPolicy
 from fkd_core.model import NaimishNet, NaimishNetConfig
-from fkd_core.resources import DEFAULT_MODEL, SAVED_MODELS
+from fkd_core.resources import DEFAULT_MODEL as DEFAULT_MODEL  # re-exported: the packaged checkpoint
 from fkd_core.storage import exists, read_bytes, read_json, write_bytes, write_json
 from fkd_core.trust import TRUST_PREFIX, TrustHeads
 
 FORMAT = "fkd-naimishnet/1"
 MAX_CHECKPOINT_BYTES = 2 << 30  # far above two float32 stages at S = 224 (357 MB)
 REFINE_PREFIX = "refine."  # tensor names of the optional second (refining) stage in the same file
-__all__ = ["DEFAULT_MODEL", "SAVED_MODELS"]  # re-exported: the packaged checkpoint, as before
 
 
 @dataclass

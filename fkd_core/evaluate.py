@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import cv2
@@ -21,7 +21,6 @@ from fkd_core.parquet_io import keypoint_column
 from fkd_core.plots import draw_faces, montage
 from fkd_core.plots import risk_coverage_png as risk_coverage_png_of
 from fkd_core.predict import Face, Located, Predictor
-from fkd_core.storage import join_uri, read_bytes
 from fkd_core.types import Box
 
 EVAL_SCHEMA = pa.schema(
@@ -61,21 +60,12 @@ class FaceResult:
     face: Face | None = None  # the matched face with its trust columns
 
 
-def read_images(image_ids: Iterable[str], images: str) -> Iterator[tuple[str, bytes | ImageError]]:
-    """Each image's bytes under ``images``, or the error reading them raised; read one at a time, as consumed."""
-    for image_id in image_ids:
-        try:
-            yield image_id, read_bytes(join_uri(images, image_id))
-        except ImageError as e:
-            yield image_id, e
-
-
 def evaluate_rows(
     rows: list[LabelledRow], reads: Iterable[tuple[str, bytes | ImageError]], predictor: Predictor
 ) -> list[FaceResult]:
     """Score labelled faces end to end, as annotate finds them: the predictor's detector, then its stages.
 
-    ``reads`` gives each image the rows name once, as ``(image_id, bytes or error)`` (:func:`read_images`); rows
+    ``reads`` gives each image the rows name once, as ``(image_id, bytes or error)`` (``storage.read_under``); rows
     naming the same image share one detection pass, and the model runs batched over all the images' faces.
     """
     by_image: dict[str, list[LabelledRow]] = {}
@@ -194,10 +184,15 @@ def worst_montage(faces: list[FaceResult], images: dict[str, bytes], tile: int =
     return montage(tiles, cols=min(6, max(1, len(tiles))), size=tile)
 
 
+def _rated(results: list[FaceResult]) -> list[FaceResult]:
+    """The matched faces that have a ``quality`` (a checkpoint with trust heads)."""
+    return [r for r in results if r.status == "matched" and r.face is not None and r.face.quality is not None]
+
+
 def trust_metrics(results: list[FaceResult], face_threshold: float | None) -> dict:
     """How well the trust columns sort the matched faces: the AUROC of ``quality`` for NME > 0.10, the failure rate
     among the 80 / 90 / 100 % of faces with the best ``quality``, and the share of faces ``face_prob`` keeps."""
-    matched = [r for r in results if r.status == "matched" and r.face is not None and r.face.quality is not None]
+    matched = _rated(results)
     if not matched:
         return {}
     quality = np.array([r.face.quality for r in matched])
@@ -212,7 +207,7 @@ def trust_metrics(results: list[FaceResult], face_threshold: float | None) -> di
 
 def risk_coverage_png(results: list[FaceResult], title: str) -> bytes | None:
     """The risk-coverage curve of the matched faces' ``quality`` (:func:`fkd_core.plots.risk_coverage_png`)."""
-    matched = [r for r in results if r.status == "matched" and r.face is not None and r.face.quality is not None]
+    matched = _rated(results)
     if not matched:
         return None
     return risk_coverage_png_of(np.array([r.face.quality for r in matched]), np.array([r.nme for r in matched]), title)

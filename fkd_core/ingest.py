@@ -25,7 +25,7 @@ from fkd_core.examples import (
 from fkd_core.geometry import CropPolicy, keypoint_extent_box
 from fkd_core.image_io import decode_gray, sha256_hex
 from fkd_core.parquet_io import EXAMPLES_SCHEMA, keypoint_column
-from fkd_core.storage import join_uri, read_bytes
+from fkd_core.storage import read_under
 from fkd_core.types import Box
 
 
@@ -87,12 +87,9 @@ class _Rows:
 
 
 def read_rows(rows: list[LabelledRow], images: str) -> Iterator[tuple[LabelledRow, bytes | ImageError]]:
-    """Each row with its image file's bytes, or the error reading them raised; read one at a time, as consumed."""
-    for row in rows:
-        try:
-            yield row, read_bytes(join_uri(images, row.image_id))
-        except ImageError as e:
-            yield row, e
+    """Each row with its image file's bytes, or the error reading them raised (``storage.read_under``)."""
+    for row, (_, data) in zip(rows, read_under(images, [r.image_id for r in rows]), strict=True):
+        yield row, data
 
 
 def _decode(row: LabelledRow, data: bytes | ImageError) -> tuple[np.ndarray, int, int, str]:

@@ -226,20 +226,7 @@ class Predictor:
         if self.refines:
             contexts = np.stack([c for loc in located for c in loc.contexts])
             ctx_t = [t for loc in located for t in loc.context_transforms]
-            kp_ctx = [t.to_crop(k) for t, k in zip(ctx_t, first, strict=True)]
-            feats: list[np.ndarray] = []
-
-            def stage2(x: np.ndarray) -> np.ndarray:
-                kp, f = self._nets[1].predict(x, self.batch_size, features=True)
-                feats[:] = [f]
-                return kp
-
-            trace: list[np.ndarray] = []
-            al.refine_passes(stage2, contexts, kp_ctx, self.align, self._nets[1].size, trace=trace)
-            passes = [
-                np.stack([t.to_image(k) for t, k in zip(ctx_t, p, strict=True)]).astype(np.float32) for p in trace
-            ]
-            features = feats[0]
+            passes, features = self._refine(contexts, ctx_t, first)
         boxes = [b for loc in located for b in loc.boxes]
         per_face = [(loc, len(loc.boxes)) for loc in located]
         if self.mean_shape is None:
@@ -273,11 +260,28 @@ class Predictor:
         crop and its transform. Without a refining stage the keypoints come back unchanged."""
         if not self.refines or len(keypoints) == 0:
             return keypoints
+        return self._refine(contexts, transforms, keypoints)[0][-1]
+
+    def _refine(
+        self, contexts: np.ndarray, transforms: list[CropTransform], keypoints: np.ndarray
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """The refining stage's passes (``align.refine_passes``) from first-stage keypoints in image pixels: each
+        pass's keypoints (N, 68, 2) float32 in image pixels, the last being the answer, and the last pass's hidden
+        features (N, 1000)."""
         kp_ctx = [t.to_crop(k) for t, k in zip(transforms, keypoints, strict=True)]
-        kp_ctx, _ = al.refine_passes(
-            lambda crops: self.predict_crops(crops, stage=1), contexts, kp_ctx, self.align, self._nets[1].size
-        )
-        return np.stack([t.to_image(k) for t, k in zip(transforms, kp_ctx, strict=True)]).astype(np.float32)
+        feats: list[np.ndarray] = []
+
+        def stage2(x: np.ndarray) -> np.ndarray:
+            kp, f = self._nets[1].predict(x, self.batch_size, features=True)
+            feats[:] = [f]
+            return kp
+
+        trace: list[np.ndarray] = []
+        al.refine_passes(stage2, contexts, kp_ctx, self.align, self._nets[1].size, trace=trace)
+        passes = [
+            np.stack([t.to_image(k) for t, k in zip(transforms, p, strict=True)]).astype(np.float32) for p in trace
+        ]
+        return passes, feats[0]
 
 
 def _score_of(loc: Located, j: int) -> float | None:

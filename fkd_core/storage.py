@@ -15,7 +15,7 @@ import re
 import stat
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -364,6 +364,14 @@ def iter_read(
         while pending:
             head, fut = pending.popleft()
             yield head, fut.result()
+
+
+def read_under(base: str, names: Iterable[str]) -> Iterator[tuple[str, bytes | ImageError]]:
+    """Each of ``names`` (relative to ``base``) with its bytes, or the error reading it raised: ``iter_read`` over
+    their URIs, so remote stores are read a few files ahead, as consumed."""
+    names = list(names)
+    for name, (_, data) in zip(names, iter_read([join_uri(base, n) for n in names]), strict=True):
+        yield name, data
 
 
 def write_json(obj: dict, uri: str) -> None:

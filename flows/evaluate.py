@@ -11,7 +11,6 @@ from fkd_core.evaluate import (
     FaceResult,
     evaluate_rows,
     face_yaw,
-    read_images,
     results_table,
     risk_coverage_png,
     trust_metrics,
@@ -23,7 +22,7 @@ from fkd_core.metrics import by_pose, summarise
 from fkd_core.parquet_io import write_table
 from fkd_core.plots import png_bytes
 from fkd_core.predict import Predictor
-from fkd_core.storage import check_bucket, check_exists, join_uri, write_bytes, write_json
+from fkd_core.storage import check_bucket, check_exists, join_uri, read_under, write_bytes, write_json
 from flows._common import IO_RETRY, chunks, flat_parameters, markdown_table
 from flows.configs import EvaluateConfig
 from flows.ingest import read_csv
@@ -33,7 +32,7 @@ from flows.ingest import read_csv
 def score_shard(rows: list[LabelledRow], images: str, model: str) -> list[FaceResult]:
     """Read a shard's images (one at a time) and score its labelled faces."""
     image_ids = list(dict.fromkeys(r.image_id for r in rows))
-    return evaluate_rows(rows, read_images(image_ids, images), Predictor.from_checkpoint(model))
+    return evaluate_rows(rows, read_under(images, image_ids), Predictor.from_checkpoint(model))
 
 
 @task(**IO_RETRY)
@@ -46,7 +45,7 @@ def write_outputs(doc: dict, results: list[FaceResult], out: str, images: str, w
         write_bytes(curve, join_uri(out, "risk_coverage.png"))
     faces = worst(results, worst_k)
     if faces:
-        pixels = dict(read_images(dict.fromkeys(r.row.image_id for r in faces), images))
+        pixels = dict(read_under(images, dict.fromkeys(r.row.image_id for r in faces)))
         pixels = {k: v for k, v in pixels.items() if not isinstance(v, Exception)}
         faces = [r for r in faces if r.row.image_id in pixels]
         write_bytes(png_bytes(worst_montage(faces, pixels)), join_uri(out, "worst.png"))
