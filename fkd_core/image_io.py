@@ -185,6 +185,39 @@ def decoded_bytes(header: Image.Image) -> int:
     return width * height * per_pixel
 
 
+# PNG chunks that may hold EXIF: eXIf itself, and the text chunks ImageMagick writes it into ("Raw profile type exif")
+_PNG_EXIF_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")
+
+
+def _png_may_hold_exif(data: bytes) -> bool:
+    """Whether a PNG has a chunk that can carry EXIF, found by walking the chunk headers (no pixel is decoded)."""
+    pos = 8  # after the signature: length (4 bytes), type (4), data, CRC (4) per chunk
+    while pos + 8 <= len(data):
+        kind = data[pos + 4 : pos + 8]
+        if kind in _PNG_EXIF_CHUNKS:
+            return True
+        if kind == b"IEND":
+            return False
+        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
+    return False
+
+
+def _orientation(header: Image.Image, data: bytes) -> int:
+    """The EXIF orientation (1 = upright) of an image whose header PIL has parsed.
+
+    PIL looks for a PNG's EXIF by decoding the whole image (it may follow the pixels); a PNG without any chunk that
+    can carry EXIF (most of them) is known upright without that second decode, which cost as much as OpenCV's.
+    """
+    if header.format == "PNG" and not _png_may_hold_exif(data):
+        return 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return int(header.getexif().get(0x0112, 1) or 1)
+    except Exception:  # a broken EXIF block is not worth refusing the pixels for
+        return 1
+
+
 def decode_gray(
     data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, budget: DecodeBudget = DECODE_BUDGET
 ) -> DecodedImage:
@@ -204,12 +237,7 @@ def decode_gray(
         raise ImageError(f"not an image: {stable_reason(f'{type(e).__name__}: {e}')}") from e
     if width * height > max_pixels:
         raise ImageError(f"too many pixels: {width}x{height} > {max_pixels}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            orientation = int(header.getexif().get(0x0112, 1) or 1)
-    except Exception:  # a broken EXIF block is not worth refusing the pixels for
-        orientation = 1
+    orientation = _orientation(header, data)
     buf = np.frombuffer(data, dtype=np.uint8)
     with budget.hold(decoded_bytes(header)):
         # IGNORE_ORIENTATION: orientation is applied below from the header we parsed, the same for every codec.

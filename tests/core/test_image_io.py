@@ -42,6 +42,42 @@ def test_exif_orientation_is_applied():
     assert out.gray[:8].mean() > 200 and out.gray[-8:].mean() < 50
 
 
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+def _stripe_png_with_exif(where: str) -> bytes:
+    """A 20 x 40 PNG, bright on its stored left, whose eXIf chunk (orientation 6) is before or after its pixels."""
+    arr = np.zeros((20, 40), np.uint8)
+    arr[:, :10] = 255
+    png = _png(arr)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    chunk = _chunk(b"eXIf", exif.tobytes())
+    at = png.index(b"IDAT") - 4 if where == "before" else len(png) - 12  # before IDAT, or just before IEND
+    return png[:at] + chunk + png[at:]
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_png_exif_orientation_is_applied_wherever_the_chunk_is(where):
+    out = decode_gray(_stripe_png_with_exif(where))
+    assert (out.width, out.height) == (20, 40)
+    assert out.gray[:8].mean() > 200 and out.gray[-8:].mean() < 50
+
+
+def test_a_png_without_exif_is_decoded_once(monkeypatch):
+    """PIL finds a PNG's EXIF by decoding all its pixels; a PNG with no chunk that can hold EXIF skips that."""
+    from PIL import ImageFile
+
+    loads = []
+    real = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: loads.append(im.format) or real(im))
+    out = decode_gray(_png(np.full((30, 50, 3), 90, np.uint8)))
+    assert out.gray.shape == (30, 50) and loads == []
+    decode_gray(_stripe_png_with_exif("after"))
+    assert loads == ["PNG"]  # where EXIF may follow the pixels, PIL still looks
+
+
 def _png_header_only(width: int, height: int) -> bytes:
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
