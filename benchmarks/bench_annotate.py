@@ -1,23 +1,28 @@
 """Annotate throughput against its floor, and peak memory on a large corpus.
 
-    python benchmarks/bench_annotate.py ratio    [--n 2400] [--shard-size 500]
-    python benchmarks/bench_annotate.py memory   [--n 20000]
-    python benchmarks/bench_annotate.py batching [--n 1000] [--shard-size 500]
+    python benchmarks/bench_annotate.py ratio    [--n 2400] [--shard-size 500] [--detectors yunet] [--photos-12mp 4]
+    python benchmarks/bench_annotate.py memory   [--n 20000] [--detectors yunet]
+    python benchmarks/bench_annotate.py batching [--n 1000] [--shard-size 500] [--detectors yunet]
     python benchmarks/bench_annotate.py dask     [--n 1000] [--shard-size 250]
     python benchmarks/bench_annotate.py memory16 [--n 4] [--code-root ../other-checkout]
     python benchmarks/bench_annotate.py versus   [--n 1200] --code-root ../other-checkout [--rounds 2]
+    python benchmarks/bench_annotate.py startup  [--code-root ../other-checkout] [--rounds 2]
 
 `ratio` times, in one process and one run, a bare loop of read + decode + Haar (the floor of this design:
 every image must be decoded and searched for faces) and the full annotate flow on the same images; it reports
-both rates and flow/loop. `memory` runs the flow over N images (the training set repeated under new names)
+both rates and flow/loop; with ``--detectors`` also the flow with each of those detectors and its rate over the
+default flow's, and with ``--photos-12mp N`` every path's rate on N copies of the three photos scaled to 12 MP.
+`memory` runs the flow over N images (the training set repeated under new names)
 in a child process and reports that process's peak RSS. `batching` times one shard's work (fkd_core, no
-Prefect) with the model run on every 32 images as they come (what annotate does, so that progress moves and
-only 32 images' crops are held) against once over the whole shard (before), alternating A/B/A/B in one run.
+Prefect) with the model on a thread of its own at one ONNX Runtime thread (what annotate does) against the model on
+every core, alternating A/B/A/B in one run, for the default detector and each of ``--detectors``.
 `dask` starts a local scheduler and two one-thread workers (as separate processes, on 127.0.0.1) and times the
 flow on them cold (fresh workers: the model is loaded when the run registers it) and warm (a second run), against
 the local runner on the same images, and counts the workers' "Event loop was unresponsive" warnings.
 `versus` times the flow of this checkout and of another (each with its own shipped model, in its own process,
-alternating A/B/A/B on the same images) and reports each one's images/s and this/other.
+alternating A/B/A/B on the same images) and reports each one's images/s and this/other. `startup` times
+`fkd annotate` on one photo from process start to its first row on disk and to its exit, for this checkout and
+another, and says whether inference imports torch.
 Images come from ../shared/data.
 """
 
@@ -63,13 +68,33 @@ def bare_loop(uris: list[str], detector) -> float:
     return len(uris) / (time.perf_counter() - t0)
 
 
-def run_flow(source: str, out: str, shard_size: int, model: str) -> float:
+def run_flow(source: str, out: str, shard_size: int, model: str, detector: str | None = None) -> float:
+    return run_flow_doc(source, out, shard_size, model, detector)[0]
+
+
+def run_flow_doc(source: str, out: str, shard_size: int, model: str, detector: str | None = None) -> tuple[float, dict]:
     from flows.annotate import annotate
 
     t0 = time.perf_counter()
-    doc = annotate(source=source, out=out, shard_size=shard_size, model=model, run_id="bench")
+    doc = annotate(source=source, out=out, shard_size=shard_size, model=model, run_id="bench", detector=detector)
     seconds = time.perf_counter() - t0
-    return doc["counts_this_attempt"]["images"] / seconds
+    return doc["counts_this_attempt"]["images"] / seconds, doc
+
+
+def photos_12mp(dst: Path, copies: int) -> Path:
+    """The three demo photos scaled up to 12 megapixels (``copies`` of each, under new names)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in sorted((ROOT.parent / "shared" / "data" / "photos").glob("*.jpg")):
+        if p.name.startswith("landmarks"):
+            continue
+        img = cv2.imread(str(p))
+        h, w = img.shape[:2]
+        s = (12e6 / (h * w)) ** 0.5
+        big = cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_CUBIC)
+        ok, data = cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 92])
+        for i in range(copies):
+            (dst / f"{i:02d}_{p.name}").write_bytes(data.tobytes())
+    return dst
 
 
 def ratio(args) -> dict:
@@ -88,6 +113,17 @@ def ratio(args) -> dict:
         results = {}
         for shard in args.shard_size:
             results[shard] = run_flow(str(corpus), f"{tmp}/out{shard}", shard, args.model)
+        others = {}  # another detector's flow on the same images, and both on 12 MP photos
+        for det in args.detectors:
+            annotate(source=uris[0], out=f"{tmp}/warm-{det}", model=args.model, detector=det)
+            others[det] = run_flow(str(corpus), f"{tmp}/det-{det}", args.shard_size[0], args.model, det)
+        big = {}
+        if args.photos_12mp:
+            photos = photos_12mp(Path(tmp) / "12mp", args.photos_12mp)
+            for det in [None, *args.detectors]:
+                rate, doc = run_flow_doc(str(photos), f"{tmp}/12mp-{det}", args.shard_size[0], args.model, det)
+                big[det or "default"] = {"images_per_s": round(rate, 2), "faces": doc["counts"]["faces"],
+                                         "images": doc["counts"]["images"]}  # fmt: skip
         other = {}
         if args.compare_model:  # e.g. a one-stage checkpoint against the shipped two-stage one, same run
             annotate(source=uris[0], out=f"{tmp}/warm2", model=args.compare_model)
@@ -95,58 +131,72 @@ def ratio(args) -> dict:
                 other[shard] = run_flow(str(corpus), f"{tmp}/cmp{shard}", shard, args.compare_model)
         loop2 = bare_loop(uris, detector)
     loop = (loop1 + loop2) / 2
-    return {
-        "images": args.n,
-        "cpu_cores": os.cpu_count(),
-        "bare_loop_images_per_s": round(loop, 1),
-        "bare_loop_runs": [round(loop1, 1), round(loop2, 1)],
-        "flow_images_per_s": {str(k): round(v, 1) for k, v in results.items()},
-        "flow_over_loop": {str(k): round(v / loop, 3) for k, v in results.items()},
-    } | (
+    return (
         {
-            "compare_model": args.compare_model,
-            "compare_flow_images_per_s": {str(k): round(v, 1) for k, v in other.items()},
-            "compare_flow_over_loop": {str(k): round(v / loop, 3) for k, v in other.items()},
+            "images": args.n,
+            "cpu_cores": os.cpu_count(),
+            "bare_loop_images_per_s": round(loop, 1),
+            "bare_loop_runs": [round(loop1, 1), round(loop2, 1)],
+            "flow_images_per_s": {str(k): round(v, 1) for k, v in results.items()},
+            "flow_over_loop": {str(k): round(v / loop, 3) for k, v in results.items()},
         }
-        if other
-        else {}
+        | (
+            {
+                "detectors_flow_images_per_s": {k: round(v, 1) for k, v in others.items()},
+                "detectors_over_default_flow": {
+                    k: round(v / results[args.shard_size[0]], 3) for k, v in others.items()
+                },
+            }
+            if others
+            else {}
+        )
+        | ({"photos_12mp": big} if big else {})
+        | (
+            {
+                "compare_model": args.compare_model,
+                "compare_flow_images_per_s": {str(k): round(v, 1) for k, v in other.items()},
+                "compare_flow_over_loop": {str(k): round(v / loop, 3) for k, v in other.items()},
+            }
+            if other
+            else {}
+        )
     )
 
 
 def batching(args) -> dict:
-    from fkd_core.annotate import ShardConfig, annotate_images, read_window
+    """One shard's work (fkd_core, no Prefect) with the model on a thread of its own at one ONNX Runtime thread (what
+    annotate runs) against the model on all cores, alternating A/B/A/B on the same images, for each detector."""
+    from fkd_core.annotate import MODEL_THREADS, ShardConfig, annotate_images, read_window
     from fkd_core.image_io import list_images
     from fkd_core.predict import Predictor
     from fkd_core.storage import iter_read
 
-    predictor = Predictor.from_checkpoint(args.model)
     shard = args.shard_size[0]
+    settings = ShardConfig()
+    out: dict = {"images": args.n, "shard_size": shard, "cpu_cores": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         uris = list_images(str(make_corpus(Path(args.images), args.n, Path(tmp) / "in")))
         shards = [uris[i : i + shard] for i in range(0, len(uris), shard)]
-        variants = {"every_32": ShardConfig(model_every=32), "whole_shard": ShardConfig(model_every=10**9)}
-        annotate_images(iter_read(uris[:64]), predictor, variants["every_32"])  # warm up: model export, page cache
-        seconds = {k: 0.0 for k in variants}
-        faces = {}
-        for _ in range(2):
-            for name, settings in variants.items():
-                t0 = time.perf_counter()
-                images = [
-                    im
-                    for s in shards
-                    for im in annotate_images(iter_read(s, window=read_window(settings)), predictor, settings)
-                ]
-                seconds[name] += time.perf_counter() - t0
-                kp = np.concatenate([np.stack(im.keypoints) for im in images if im.keypoints])
-                faces[name] = kp
-    rate = {k: 2 * len(uris) / v for k, v in seconds.items()}
-    return {
-        "images": len(uris),
-        "shard_size": shard,
-        "images_per_s": {k: round(v, 1) for k, v in rate.items()},
-        "every_32_over_whole_shard": round(rate["every_32"] / rate["whole_shard"], 3),
-        "max_keypoint_difference_px": float(np.abs(faces["every_32"] - faces["whole_shard"]).max()),
-    }
+        for det in [None, *args.detectors]:
+            variants = {
+                f"model on {MODEL_THREADS} thread": Predictor.from_checkpoint(args.model, detector=det,
+                                                                             threads=MODEL_THREADS),
+                "model on every core": Predictor.from_checkpoint(args.model, detector=det),
+            }  # fmt: skip
+            seconds = {k: 0.0 for k in variants}
+            for pred in variants.values():
+                annotate_images(iter_read(uris[:64]), pred, settings)  # warm up: sessions, page cache
+            for _ in range(2):
+                for name, pred in variants.items():
+                    t0 = time.perf_counter()
+                    for s in shards:
+                        annotate_images(iter_read(s, window=read_window(settings)), pred, settings)
+                    seconds[name] += time.perf_counter() - t0
+            rate = {k: 2 * len(uris) / v for k, v in seconds.items()}
+            one, every = rate.values()
+            out[det or "default"] = {"images_per_s": {k: round(v, 1) for k, v in rate.items()},
+                                     "one_over_every": round(one / every, 3)}  # fmt: skip
+    return out
 
 
 def _wait_http(url: str, timeout: float = 120.0) -> None:
@@ -327,7 +377,49 @@ def versus(args) -> dict:
     }
 
 
+def startup(args) -> dict:
+    """Seconds from ``fkd annotate`` process start to its first row on disk (the first ``images`` part) and to its
+    exit, for one photo: this checkout against another (``--code-root``), alternating, with one Prefect home that an
+    untimed run has set up (the temporary server's database already made)."""
+    roots = {"this": ROOT} | ({"other": Path(args.code_root).resolve()} if args.code_root else {})
+    photo = str(ROOT / "data" / "sample" / "photos" / "obamas.jpg")
+    out: dict = {"cpu_cores": os.cpu_count(), "image": photo}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {k: v for k, v in os.environ.items() if k not in ("FKD_MODEL", "PREFECT_API_URL")}
+        env |= {"PREFECT_HOME": f"{tmp}/prefect", "PREFECT_LOGGING_LEVEL": "WARNING"}
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in roots}
+        for r in range(args.rounds + 1):
+            for name, root in roots.items():
+                dest = Path(tmp) / f"out-{name}-{r}"
+                cmd = [sys.executable, "-m", "flows.cli", "annotate", photo, str(dest)]
+                t0 = time.perf_counter()
+                proc = subprocess.Popen(cmd, cwd=root, env=env | {"PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE)  # fmt: skip
+                first = None
+                while proc.poll() is None:
+                    if first is None and any((dest / "images").glob("run_id=*/part-*.parquet")):
+                        first = time.perf_counter() - t0
+                    time.sleep(0.01)
+                total = time.perf_counter() - t0
+                if proc.returncode:
+                    raise SystemExit(proc.stderr.read().decode()[-3000:])
+                if r:  # round 0 sets the Prefect home up
+                    times[name].append((first or total, total))
+        for name, t in times.items():
+            out[name] = {
+                "first_row_s": [round(a, 2) for a, _ in t],
+                "exit_s": [round(b, 2) for _, b in t],
+                "imports_torch": "torch" in subprocess.run(
+                    [sys.executable, "-c", "import sys, flows.annotate, fkd_core.predict as p; "
+                     "p.Predictor.from_checkpoint(); print(' '.join(sys.modules))"],
+                    cwd=roots[name], env=env | {"PYTHONPATH": str(roots[name])}, capture_output=True, text=True,
+                ).stdout.split(),
+            }  # fmt: skip
+    return out
+
+
 def memory(args) -> dict:
+    detector = args.detectors[0] if args.detectors else None
     with tempfile.TemporaryDirectory() as tmp:
         corpus = make_corpus(Path(args.images), args.n, Path(tmp) / "in")
         code = (
@@ -335,7 +427,7 @@ def memory(args) -> dict:
             "from flows.annotate import annotate\n"
             "t0 = time.perf_counter()\n"
             f"doc = annotate(source={str(corpus)!r}, out={tmp + '/out'!r}, "
-            f"shard_size={args.shard_size[0]}, model={args.model!r})\n"
+            f"shard_size={args.shard_size[0]}, model={args.model!r}, detector={detector!r})\n"
             "print(json.dumps({'images': doc['counts_this_attempt']['images'], "
             "'faces': doc['counts_this_attempt']['faces'], 'seconds': time.perf_counter() - t0, "
             "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
@@ -349,6 +441,7 @@ def memory(args) -> dict:
     doc["peak_rss_mb"] = round(doc["peak_rss_mb"], 1)
     doc["largest_child_peak_rss_mb"] = round(children, 1)
     doc["shard_size"] = args.shard_size[0]
+    doc["detector"] = detector or "the model's own"
     return doc
 
 
@@ -356,7 +449,7 @@ def main() -> None:
     from fkd_core.checkpoint import DEFAULT_MODEL
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["ratio", "memory", "memory16", "batching", "dask", "versus"])
+    ap.add_argument("mode", choices=["ratio", "memory", "memory16", "batching", "dask", "versus", "startup"])
     ap.add_argument("--rounds", type=int, default=2, help="versus: A/B rounds")
     ap.add_argument("--code-root", default=None, help="memory16: also measure this other checkout of fkd")
     ap.add_argument("--n", type=int, default=None)
@@ -364,13 +457,24 @@ def main() -> None:
     ap.add_argument("--images", default=str(DEFAULT_IMAGES))
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--compare-model", default=None, help="also time the flow with this checkpoint")
+    ap.add_argument("--detectors", nargs="*", default=[], help="ratio: also time the flow with these detectors")
+    ap.add_argument("--photos-12mp", type=int, default=0, help="ratio: also time N copies of each photo at 12 MP")
     args = ap.parse_args()
     args.n = (
         args.n
-        or {"ratio": 2400, "memory": 20000, "memory16": 4, "batching": 1000, "dask": 1000, "versus": 1200}[args.mode]
+        or {
+            "ratio": 2400,
+            "memory": 20000,
+            "memory16": 4,
+            "batching": 1000,
+            "dask": 1000,
+            "versus": 1200,
+            "startup": 1,
+        }[args.mode]
     )
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     modes = {"ratio": ratio, "memory": memory, "memory16": memory16, "batching": batching, "versus": versus}
+    modes["startup"] = startup
     modes["dask"] = dask_cluster_vs_local
     print(json.dumps(modes[args.mode](args), indent=2))
 

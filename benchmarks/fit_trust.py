@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from fkd_core import trust as tr
-from fkd_core.checkpoint import DEFAULT_MODEL, pack_checkpoint, write_checkpoint
+from fkd_core.checkpoint import DEFAULT_MODEL, write_checkpoint
 from fkd_core.detect import match_box
 from fkd_core.examples import LabelledRow, assign_split, parse_keypoints_csv, person_of
 from fkd_core.geometry import keypoint_extent_box
@@ -67,7 +67,7 @@ def background(gray: np.ndarray, kps: np.ndarray) -> list[np.ndarray]:
 
 
 def dump(args: argparse.Namespace) -> None:
-    pred = Predictor.from_checkpoint(args.model)
+    pred = Predictor.from_checkpoint(args.model, detector=args.detector)
     with open(DATA / "training_frames_keypoints.csv", newline="") as f:
         rows = [r for r in parse_keypoints_csv(f) if isinstance(r, LabelledRow)]
     split = (pred.checkpoint.meta.get("data") or {}).get("split") or {"split_by": "person", "seed": 0}
@@ -159,7 +159,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("cmd", choices=("dump", "fit"))
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
-    ap.add_argument("--cache", default="/tmp/fkd-trust")
+    ap.add_argument("--detector", default=None, help="fit the heads of this detector (default: the model's own)")
+    ap.add_argument("--cache", default=None, help="where dump keeps the faces (default: /tmp/fkd-trust-<detector>)")
     ap.add_argument("--out", default="models")
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--face-pcs", type=int, default=512, help="face_prob: components of each stage's features")
@@ -170,6 +171,7 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="write the checkpoint with the heads under --out")
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args()
+    args.cache = args.cache or f"/tmp/fkd-trust-{args.detector or 'own'}"
     if args.cmd == "dump":
         dump(args)
     else:
@@ -189,11 +191,12 @@ class Space:
         for key, k in (("first_features", first_k), ("features", refine_k)):
             f = d[key].astype(np.float64)
             mu = f[ref].mean(axis=0)
+            pcs = np.zeros((0, f.shape[1]))
             if k:
                 _, sv, vt = np.linalg.svd(f[ref] - mu, full_matrices=False)
-                pcs = vt[:k] / (sv[:k, None] / np.sqrt(ref.sum()))
-            else:
-                pcs = np.zeros((0, f.shape[1]))
+                # components that vary (none where a stage did not run: a detector's landmark start skips the first)
+                keep = sv[:k] > 1e-9 * max(float(sv[0]), 1e-300)
+                pcs = vt[:k][keep] / (sv[:k][keep, None] / np.sqrt(ref.sum()))
             self.blocks.append((f, mu, pcs))
 
     def x(self, rows: np.ndarray, drop: int | None = None) -> np.ndarray:
@@ -343,47 +346,28 @@ def fit(args: argparse.Namespace) -> None:
 
 
 def write_model(args: argparse.Namespace, heads: tr.TrustHeads, report: dict) -> None:
-    from fkd_core.checkpoint import config_uri, load_checkpoint
-    from fkd_core.storage import read_json
+    """The checkpoint again with these heads: its own detector's, or (``--detector``) another detector's."""
+    import dataclasses
+
+    from fkd_core.checkpoint import load_checkpoint, repack
+    from fkd_core.detect import detector_name
 
     loaded = load_checkpoint(args.model)
-    doc = read_json(config_uri(args.model))
-    meta = {
-        k: v
-        for k, v in doc.items()
-        if k
-        not in (
-            "format",
-            "name",
-            "model_id",
-            "weights_sha256",
-            "dtype",
-            "model",
-            "crop_policy",
-            "detector",
-            "refine",
-            "trust",
-        )
-    }
-    meta["trust"] = {
+    fitted = {
         "fitted_by": "benchmarks/fit_trust.py",
-        "on": loaded.model_id,
+        "on": Predictor.from_checkpoint(args.model, detector=args.detector).model_id,
         "settings": {
             k: getattr(args, k) for k in ("face_pcs", "face_quantile", "quality_pcs", "l2_face", "l2_quality")
         },
         "report": report,
     }
-    packed = pack_checkpoint(
-        loaded.model,
-        doc["name"],
-        policy=loaded.policy,
-        detector=loaded.detector,
-        meta=meta,
-        refine=loaded.refine,
-        align=loaded.align,
-        trust=heads,
-    )
-    path = write_checkpoint(packed, f"{args.out.rstrip('/')}/{doc['name']}.safetensors", force=args.force)
+    if args.detector in (None, detector_name(loaded.detector)):
+        packed = repack(loaded, trust=heads, record={"trust": fitted})
+    else:
+        alt = loaded.detectors[args.detector]
+        alt = dataclasses.replace(alt, trust=heads, fitted={**alt.fitted, "trust": fitted})
+        packed = repack(loaded, detectors={**loaded.detectors, args.detector: alt})
+    path = write_checkpoint(packed, f"{args.out.rstrip('/')}/{packed.doc['name']}.safetensors", force=args.force)
     print("wrote", path, packed.model_id)
 
 

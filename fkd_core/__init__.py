@@ -14,6 +14,7 @@ _EXPORTS = {
     "load_checkpoint": "fkd_core.checkpoint",
     "save_checkpoint": "fkd_core.checkpoint",
     "DetectorConfig": "fkd_core.detect",
+    "YunetConfig": "fkd_core.detect",
     "detect_faces": "fkd_core.detect",
     "CheckpointError": "fkd_core.errors",
     "FkdError": "fkd_core.errors",

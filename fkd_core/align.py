@@ -46,13 +46,25 @@ class AlignPolicy:
     # Inference runs the second stage this many times, each pass aligned by the last pass's keypoints.
     # Measured on the validation crops: 1 pass 0.0704, 2 passes 0.0693, 3 passes 0.0693 (docs/experiments.md).
     passes: int = 2
+    # A pass after the first runs only on the faces whose frame the pass before moved by more than this
+    # (``frame_change``); the others keep their keypoints. 0: every face takes every pass. A face whose frame
+    # barely moved would get nearly the same crop again, so nearly the same answer (benchmarks/bench_refine.py).
+    repeat_above: float = 0.0
     # The canonical crop the aligned crop is cut from (as ingest stores it).
     context_margin: float = CANONICAL_MARGIN
     context_size: int = CANONICAL_SIZE
 
     def __post_init__(self) -> None:
-        if self.passes < 1 or self.side <= 0 or self.context_size < 1 or self.context_margin < 1:
-            raise ValueError(f"invalid align policy {self}: passes >= 1, side > 0, context >= 1 needed")
+        if (
+            self.passes < 1
+            or self.side <= 0
+            or self.context_size < 1
+            or self.context_margin < 1
+            or self.repeat_above < 0
+        ):
+            raise ValueError(
+                f"invalid align policy {self}: passes >= 1, side > 0, context >= 1, repeat_above >= 0 needed"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,6 +91,13 @@ def alignment_of(keypoints: np.ndarray) -> Alignment:
     d = kp[RIGHT_EYE].mean(axis=0) - kp[LEFT_EYE].mean(axis=0)
     angle = float(math.atan2(d[1], d[0]))
     return Alignment(float(c[0]), float(c[1]), max(radius, 1e-3), angle)
+
+
+def frame_change(a: Alignment, b: Alignment) -> float:
+    """How far a face's frame moved from ``a`` to ``b``: the centre's shift in ``b``'s radii, plus the radius' change
+    as |log ratio|, plus the eye line's turn in radians."""
+    turn = abs((b.angle - a.angle + math.pi) % (2 * math.pi) - math.pi)
+    return math.hypot(b.cx - a.cx, b.cy - a.cy) / b.radius + abs(math.log(b.radius / a.radius)) + turn
 
 
 def perturb(a: Alignment, rng: np.random.Generator, policy: AlignPolicy) -> Alignment:
@@ -153,25 +172,37 @@ def refine_passes(
     policy: AlignPolicy,
     size: int,
     trace: list[np.ndarray] | None = None,
+    ran: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The refining stage at inference, on canonical crops: ``policy.passes`` times, cut from each canonical crop
-    the crop aligned to its current keypoints, predict, and map the answer back.
+    """The refining stage at inference, on canonical crops: up to ``policy.passes`` times, cut from each canonical
+    crop the crop aligned to its current keypoints, predict, and map the answer back. After the first pass, only
+    the faces whose frame the last pass moved by more than ``policy.repeat_above`` go again.
 
     ``predict`` maps (N, size, size) uint8 aligned crops to (N, 68, 2) keypoints in aligned-crop pixels;
     ``keypoints`` (N, 68, 2) are the first stage's, in canonical-crop pixels. Returns the refined keypoints
-    (N, 68, 2) float64 in canonical-crop pixels and the last pass's matrices (canonical -> aligned crop).
+    (N, 68, 2) float64 in canonical-crop pixels and each face's last matrix (canonical -> aligned crop).
     Validation (``train.evaluate_arrays``) and the ``Predictor`` both run this one function. ``trace``, if given,
-    receives each pass's keypoints (N, 68, 2), in canonical-crop pixels.
+    receives every face's keypoints (N, 68, 2) after each pass, in canonical-crop pixels (a face that sat a pass
+    out keeps its last ones), and ``ran`` the indices of the faces each pass predicted, in ``predict``'s order.
     """
-    kp = list(np.asarray(keypoints, np.float64))
-    mats: list[np.ndarray] = []
-    if not kp:
-        return np.asarray(keypoints, np.float64), mats
-    for _ in range(policy.passes):
-        mats = [aligned_matrix(alignment_of(k), policy.side, size) for k in kp]
-        crops = np.stack([warp(c, m, size) for c, m in zip(contexts, mats, strict=True)])
-        pred = predict(crops)
-        kp = [affine_points(invert(m), p.astype(np.float64)) for m, p in zip(mats, pred, strict=True)]
+    kp = np.array(keypoints, np.float64)
+    mats: list[np.ndarray] = [np.zeros((2, 3))] * len(kp)
+    if not len(kp):
+        return kp, []
+    active = np.arange(len(kp))
+    frames: list[Alignment] = []  # the frames the last pass cut its crops along, one per active face
+    for p in range(policy.passes):
+        if p and policy.repeat_above:
+            moved = np.array([frame_change(f, alignment_of(kp[i])) for f, i in zip(frames, active, strict=True)])
+            active = active[moved > policy.repeat_above]
+        frames = [alignment_of(kp[i]) for i in active]
+        if len(active):
+            m = [aligned_matrix(f, policy.side, size) for f in frames]
+            pred = predict(np.stack([warp(contexts[i], mi, size) for i, mi in zip(active, m, strict=True)]))
+            for i, mi, q in zip(active, m, pred, strict=True):
+                kp[i], mats[i] = affine_points(invert(mi), q.astype(np.float64)), mi
         if trace is not None:
-            trace.append(np.stack(kp))
-    return np.stack(kp), mats
+            trace.append(kp.copy())
+        if ran is not None:
+            ran.append(active)
+    return kp, mats

@@ -94,6 +94,12 @@ def read_window(s: ShardConfig) -> int:
     return 4 * (s.threads or os.cpu_count() or 1)
 
 
+# The model's threads in annotate: one. Its batches run on a thread of their own beside the decode and detection
+# threads, so every core is already busy, and ONNX Runtime on one thread does more per core-second than on all of
+# them (annotate: 1.02 x the images/s; benchmarks/bench_annotate.py batching).
+MODEL_THREADS = 1
+
+
 def annotate_images(
     reads: Iterable[tuple[str, bytes | ImageError]],
     predictor: Predictor,
@@ -101,38 +107,45 @@ def annotate_images(
     progress: Callable[[int], None] | None = None,
 ) -> list[_Image]:
     """Annotate files given as ``(uri, bytes or the error reading them raised)``, in order (``storage.iter_read``
-    streams them): threads overlap decoding and Haar; the model runs batched on every ``s.model_every`` images as
-    they come.
+    streams them): threads decode and detect; the model runs batched on every ``s.model_every`` images as they come,
+    on a thread of its own, while the next images are decoded and detected.
 
-    Running the model as images come (instead of once per shard) keeps only that many images' crops in memory
-    and lets ``progress(n)`` report images that are really done, ``n`` at a time.
+    Running the model as images come (instead of once per shard) keeps only a few batches of crops in memory and
+    lets ``progress(n)`` report images that are really done, ``n`` at a time.
     """
     threads = s.threads or os.cpu_count() or 1
     window = read_window(s)
     images: list[_Image] = []
     batch: list[_Image] = []
+    running: deque = deque()  # (future, images) of model batches, oldest first
 
-    def take(img: _Image) -> None:
+    def done(keep: int) -> None:
+        """Collect finished model batches, in order, until at most ``keep`` run."""
+        while len(running) > keep:
+            fut, b = running.popleft()
+            fut.result()
+            images.extend(b)
+            if progress is not None:
+                progress(len(b))
+
+    def take(img: _Image, model: ThreadPoolExecutor) -> None:
         batch.append(img)
         if len(batch) >= s.model_every:
-            flush()
+            running.append((model.submit(_run_model, list(batch), predictor), list(batch)))
+            batch.clear()
+            done(keep=1)  # one batch runs while the next is gathered: memory holds two batches' crops
 
-    def flush() -> None:
-        _run_model(batch, predictor)
-        images.extend(batch)
-        if progress is not None and batch:
-            progress(len(batch))
-        batch.clear()
-
-    with ThreadPoolExecutor(threads) as pool:
+    with ThreadPoolExecutor(1) as model, ThreadPoolExecutor(threads) as pool:
         pending: deque = deque()
         for u, d in reads:
             pending.append(pool.submit(_prepare, u, d, predictor, s))
             if len(pending) >= window:
-                take(pending.popleft().result())
+                take(pending.popleft().result(), model)
         for f in pending:
-            take(f.result())
-    flush()
+            take(f.result(), model)
+        if batch:
+            running.append((model.submit(_run_model, list(batch), predictor), list(batch)))
+        done(keep=0)
     return images
 
 

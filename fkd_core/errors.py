@@ -29,6 +29,10 @@ class CheckpointError(UserError):
     """A checkpoint is missing, unsafe or does not match its config."""
 
 
+class UnavailableDetector(UserError):
+    """A detector was asked for whose package is not installed (``pip install 'fkd[yunet]'``)."""
+
+
 class SourceNotFound(UserError, FileNotFoundError):
     """The images, CSV or prefix a run should read does not exist."""
 

@@ -83,22 +83,24 @@ def evaluate_rows(
             continue
         found.append((image_id, predictor.locate(gray)))
     for (image_id, loc), faces in zip(found, predictor.keypoints([loc for _, loc in found]), strict=True):
-        results[image_id] = [_score(r, loc.boxes, faces, predictor) for r in by_image[image_id]]
+        results[image_id] = [_score(r, loc, faces, predictor) for r in by_image[image_id]]
     missing = set(by_image) - set(results)
     if missing:
         raise ValueError(f"no image given for rows naming {sorted(missing)[:3]}")
     return [f for image_id in by_image for f in results[image_id]]
 
 
-def _score(r: LabelledRow, boxes: list[Box], faces: list, predictor: Predictor) -> FaceResult:
-    """One labelled face against the detected faces of its image: matched to the box around its points, or not."""
+def _score(r: LabelledRow, loc: Located, faces: list, predictor: Predictor) -> FaceResult:
+    """One labelled face against the detected faces of its image: matched to the box around its points, or not.
+    Its MSE is measured in the first stage's crop, cut around the box the model was given."""
+    boxes = loc.boxes
     cx, cy = r.keypoints.mean(axis=0)
     i = match_box(boxes, float(cx), float(cy))
     if i is None:
         return FaceResult(r, "unmatched", len(boxes))
     pred = faces[i].keypoints
     size = predictor.size
-    t = crop_transform(square_from_box(boxes[i], predictor.policy), size)
+    t = crop_transform(square_from_box((loc.model_boxes or boxes)[i], predictor.policy), size)
     err = mse(normalise(t.to_crop(pred), size), normalise(t.to_crop(r.keypoints), size))
     nme = float(nme_per_face(pred[None], r.keypoints[None])[0])
     return FaceResult(r, "matched", len(boxes), box=boxes[i], pred=pred, nme=nme, mse=err, face=faces[i])

@@ -2,47 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from torch import nn
 
-from fkd_core.recipe import INPUT_SIZE
-from fkd_core.types import NUM_KEYPOINTS
-
-
-@dataclass(frozen=True)
-class NaimishNetConfig:
-    """Everything needed to rebuild the network; travels inside every checkpoint."""
-
-    input_size: int = INPUT_SIZE
-    num_keypoints: int = NUM_KEYPOINTS
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> NaimishNetConfig:
-        unknown = set(d) - {"input_size", "num_keypoints"}
-        if unknown:
-            raise ValueError(f"unknown NaimishNetConfig fields: {sorted(unknown)}")
-        return cls(**d)
-
-
-# (out channels, kernel, dropout) of the four conv blocks; each conv is followed by ELU, MaxPool 2x2, Dropout.
-CONV_BLOCKS = ((32, 4, 0.1), (64, 3, 0.2), (128, 2, 0.3), (256, 1, 0.4))
-DENSE_DROPOUT = (0.5, 0.6)
-DENSE_WIDTH = 1000
-
-
-def flattened_size(input_size: int) -> int:
-    """Length of the flattened feature vector after the conv blocks."""
-    s = input_size
-    for _, k, _ in CONV_BLOCKS:
-        s = (s - k + 1) // 2
-    if s < 1:
-        raise ValueError(f"input_size {input_size} is too small for NaimishNet")
-    return CONV_BLOCKS[-1][0] * s * s
+# the network's shape lives in the torch-free netspec (inference reads it without torch); re-exported here
+from fkd_core.netspec import CONV_BLOCKS as CONV_BLOCKS
+from fkd_core.netspec import DENSE_DROPOUT as DENSE_DROPOUT
+from fkd_core.netspec import DENSE_WIDTH as DENSE_WIDTH
+from fkd_core.netspec import NaimishNetConfig as NaimishNetConfig
+from fkd_core.netspec import flattened_size as flattened_size
 
 
 class NaimishNet(nn.Module):

@@ -318,7 +318,7 @@ def start_model(init: LoadedModel | None, first: LoadedModel | None, input_size:
     """
     start = None
     if init is not None:
-        start = init.refine if first is not None and init.refine is not None else init.model
+        start = init.refine if first is not None and init.two_stage else init.model
     elif first is not None:
         start = copy.deepcopy(first.model)
     if start is not None and start.cfg.input_size != input_size:
@@ -328,7 +328,7 @@ def start_model(init: LoadedModel | None, first: LoadedModel | None, input_size:
 
 def checkpoint_val_nme(loaded: LoadedModel, val: tuple[np.ndarray, np.ndarray], inner: float) -> float:
     """Validation NME on examples of a (one- or two-stage) checkpoint, as its pipeline predicts."""
-    if loaded.refine is None:
+    if not loaded.two_stage:
         return evaluate_arrays(loaded.model, *val, inner)[1]
     first = predict_canonical(loaded.model, val[0], inner)
     return evaluate_arrays(loaded.refine, *val, inner, align=loaded.align, first=first)[1]

@@ -24,7 +24,7 @@ import numpy as np
 
 from fkd_core.align import LEFT_EYE, RIGHT_EYE
 from fkd_core.metrics import yaw as yaw_of
-from fkd_core.model import DENSE_WIDTH
+from fkd_core.netspec import DENSE_WIDTH
 from fkd_core.types import NUM_KEYPOINTS, Box
 
 TRUST_PREFIX = "trust."  # tensor names of the heads in a checkpoint
@@ -32,7 +32,7 @@ FAILURE_NME = 0.10  # ``quality`` is the probability of an NME above this
 
 # The scalar signals, in the heads' input order. Distances are in RMS radii of the face's final keypoints.
 SIGNALS = (
-    "det_score",  # cascade level weight
+    "det_score",  # the detector's score: the cascade's level weight, or YuNet's confidence (heads are per detector)
     "fallback",  # 1 when the box came from the detector's looser fallback pass
     "log_size",  # log of the box side over the image's shorter side
     "log_faces",  # log(1 + boxes in the image)
@@ -147,27 +147,29 @@ class TrustHeads:
         z = inputs(sig, first, refine)
         return self.face(z), self.quality(z)
 
-    def to_tensors(self) -> dict[str, np.ndarray]:
+    def to_tensors(self, prefix: str = TRUST_PREFIX) -> dict[str, np.ndarray]:
+        """The heads as checkpoint tensors named ``<prefix>face.weight`` ...: the checkpoint's own detector's heads
+        under ``trust.``, another detector's under ``trust.<detector>.``."""
         return {
-            TRUST_PREFIX + "mean_shape": self.mean_shape,
-            TRUST_PREFIX + "face.weight": self.face.weight,
-            TRUST_PREFIX + "face.bias": np.array([self.face.bias]),
-            TRUST_PREFIX + "quality.weight": self.quality.weight,
-            TRUST_PREFIX + "quality.bias": np.array([self.quality.bias]),
+            prefix + "mean_shape": self.mean_shape,
+            prefix + "face.weight": self.face.weight,
+            prefix + "face.bias": np.array([self.face.bias]),
+            prefix + "quality.weight": self.quality.weight,
+            prefix + "quality.bias": np.array([self.quality.bias]),
         }
 
     @classmethod
-    def from_tensors(cls, t: dict[str, np.ndarray], face_threshold: float) -> TrustHeads:
+    def from_tensors(cls, t: dict[str, np.ndarray], face_threshold: float, prefix: str = TRUST_PREFIX) -> TrustHeads:
         def g(k: str) -> np.ndarray:
-            return np.asarray(t[TRUST_PREFIX + k], np.float64)
+            return np.asarray(t[prefix + k], np.float64)
 
         width = len(SIGNALS) + 2 * DENSE_WIDTH
         shapes = {"mean_shape": (NUM_KEYPOINTS, 2), "face.weight": (width,), "quality.weight": (width,)}
         shapes |= {"face.bias": (1,), "quality.bias": (1,)}
         for k, shape in shapes.items():
-            if TRUST_PREFIX + k not in t or g(k).shape != shape:
-                got = g(k).shape if TRUST_PREFIX + k in t else "missing"
-                raise ValueError(f"trust head tensor {TRUST_PREFIX + k}: expected shape {shape}, got {got}")
+            if prefix + k not in t or g(k).shape != shape:
+                got = g(k).shape if prefix + k in t else "missing"
+                raise ValueError(f"trust head tensor {prefix + k}: expected shape {shape}, got {got}")
         return cls(
             g("mean_shape"),
             Head(g("face.weight"), float(g("face.bias")[0])),

@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fkd_core.annotate import ShardConfig, ShardCounts, read_window
+from fkd_core.annotate import MODEL_THREADS, ShardConfig, ShardCounts, read_window
 from fkd_core.annotate import annotate_shard as shard_tables
 from fkd_core.errors import RunConflict, UserError
 from fkd_core.image_io import list_source as list_files
@@ -67,7 +67,13 @@ def preflight(cfg: AnnotateConfig):
     check_locations.fn(cfg.source, cfg.out)
     if cfg.dask_address:
         check_scheduler(cfg.dask_address)
-    return Predictor.from_checkpoint(cfg.model, refine=cfg.refine)
+    return predictor_of(cfg.model, cfg.refine, cfg.detector)
+
+
+def predictor_of(model: str, refine: bool, detector: str | None) -> Predictor:
+    """The predictor annotate runs (built once per process: preflight, the flow, every shard and each Dask worker
+    ask for this same one)."""
+    return Predictor.from_checkpoint(model, refine=refine, detector=detector, threads=MODEL_THREADS)
 
 
 def check_scheduler(address: str, timeout: float = 10.0) -> None:
@@ -177,11 +183,12 @@ def annotate_shard(
     refine: bool = True,
     progress_key: str | None = None,
     versions: list[str | None] | None = None,
+    detector: str | None = None,
 ) -> ShardCounts:
     """Annotate one shard end to end: read its files (streamed), annotate them, write its Parquet parts, the
     ``images`` part last as the mark of a finished shard (idempotent: reruns overwrite the same parts)."""
     t0 = time.perf_counter()
-    predictor = Predictor.from_checkpoint(model, refine=refine)
+    predictor = predictor_of(model, refine, detector)
     settings = ShardConfig(max_pixels=max_pixels, threads=shard_threads())
     reads = iter_read(uris, settings.max_bytes, read_window(settings))
     result = shard_tables(reads, predictor, settings, progress_sink(progress_key), versions)
@@ -277,8 +284,8 @@ def annotate(cfg: AnnotateConfig) -> dict:
     check_locations(cfg.source, cfg.out)
     if cfg.dask_address:
         check_scheduler(cfg.dask_address)
-    # a missing or broken model fails here, before any write
-    predictor = Predictor.from_checkpoint(cfg.model, refine=cfg.refine)
+    # a missing or broken model, or a detector it has no mapping for (or that is not installed), fails here
+    predictor = predictor_of(cfg.model, cfg.refine, cfg.detector)
     run_id = cfg.run_id or new_run_id()
     log = get_run_logger()
     if predictor.trust is None:
@@ -428,6 +435,7 @@ def _run_shards(
                         "model": cfg.model,
                         "max_pixels": cfg.max_pixels,
                         "refine": cfg.refine,
+                        "detector": cfg.detector,
                         "progress_key": board.key,
                     },
                 )
@@ -464,7 +472,7 @@ def _load_model_on_workers(runner, cfg: AnnotateConfig, log) -> None:
 
     t0 = time.perf_counter()
     client = runner.client
-    client.register_plugin(ModelOnWorkers(cfg.model, cfg.refine))
+    client.register_plugin(ModelOnWorkers(cfg.model, cfg.refine, cfg.detector))
     log.info("model loaded on the Dask workers in %.1f s", time.perf_counter() - t0)
     # a worker without this flow's Prefect API starts a temporary server of its own (seconds per worker) and
     # records the shards' task runs there, out of sight

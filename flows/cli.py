@@ -119,7 +119,8 @@ def flow_command(name: str):
             from flows.settings import FkdSettings
 
             default_value = FkdSettings.model_fields[field].default
-            shown = "" if field == "model" else f"; default: {default_value}"  # model's description says it
+            # model's and detector's descriptions say their defaults; an unset one has none to show
+            shown = "" if field in ("model", "detector") or default_value is None else f"; default: {default_value}"
             option = typer.Option(help=f"{f.description} (env var: {env}, or the settings file{shown})")
             typ, default = _cli_type(f.annotation) | None, None
         else:
@@ -228,6 +229,26 @@ def evaluate(cfg) -> None:
     _print(_run(flow, cfg, preflight))
 
 
+@app.command("export-onnx")
+def export_onnx(
+    model: Annotated[str, typer.Argument(help="A checkpoint (.safetensors) written without its ONNX graphs")],
+    force: Annotated[bool, typer.Option(help="Replace graphs that exist")] = False,
+) -> None:
+    """Write a checkpoint's ONNX graphs beside it and name them in its JSON, so it annotates without torch (a
+    one-off step for a checkpoint from an fkd that did not write them; needs the train extra)."""
+    from fkd_core.errors import UserError
+
+    try:
+        from fkd_core.checkpoint import add_graphs
+
+        for stage, uri in add_graphs(model, force=force).items():
+            typer.echo(f"{stage}: {uri}")
+    except ImportError:
+        _fail("writing ONNX graphs needs torch and onnx: pip install 'fkd[train]'")
+    except UserError as e:
+        _fail(str(e))
+
+
 @app.command()
 def runs(
     out: Annotated[str, typer.Argument(help="An annotate output directory or prefix")],
@@ -316,11 +337,19 @@ def query(
     if rel is None:
         return
     if fmt == "csv":
-        rel.df().to_csv(sys.stdout, index=False)
+        import pyarrow.csv as pa_csv
+
+        sys.stdout.flush()
+        pa_csv.write_csv(rel.to_arrow_table(), sys.stdout.buffer, pa_csv.WriteOptions(quoting_style="needed"))
     elif fmt == "json":
-        typer.echo(rel.df().to_json(orient="records", date_format="iso"))
+        typer.echo(json.dumps(rel.to_arrow_table().to_pylist(), default=_json_value))
     else:
         rel.show(max_rows=1000, max_width=200)
+
+
+def _json_value(v):
+    """Query results JSON cannot hold as they are: times and dates in ISO 8601, anything else as text."""
+    return v.isoformat() if hasattr(v, "isoformat") else str(v)
 
 
 @app.command()

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from fkd_core.align import AlignPolicy
 from fkd_core.image_io import DEFAULT_MAX_PIXELS
 from fkd_core.recipe import INPUT_SIZE, AugmentConfig, FitConfig
-from flows.settings import SERVED_MODEL, served_model
+from flows.settings import SERVED_DETECTOR, SERVED_MODEL, served_model
 
 
 class AnnotateConfig(BaseModel):
@@ -30,6 +30,7 @@ class AnnotateConfig(BaseModel):
         description="Run id; rerunning an existing one resumes it (default: a new id from the start time)",
     )
     model: str | None = Field(None, description=f"Checkpoint (.safetensors, its .json beside it); {SERVED_MODEL}")
+    detector: Literal["haar", "yunet"] | None = Field(None, description=f"Face detector: {SERVED_DETECTOR}")
     shard_size: int = Field(500, ge=1, le=100_000, description="Images per task")
     refine: bool = Field(
         True, description="Run a two-stage checkpoint's refining stage (off: first stage only, faster, less accurate)"
@@ -73,6 +74,7 @@ class EvaluateConfig(BaseModel):
     images: str = Field(description="Directory or bucket prefix of the CSV's images")
     out: str = Field(description="Where metrics.json, faces.parquet, worst.png and risk_coverage.png are written")
     model: str | None = Field(None, description=f"Checkpoint (.safetensors); {SERVED_MODEL}")
+    detector: Literal["haar", "yunet"] | None = Field(None, description=f"Face detector: {SERVED_DETECTOR}")
     split: str = Field("all", pattern="^(all|train|val)$", description="Score all rows, or the train or val split")
     split_by: str | None = Field(
         None, pattern="^(person|frame)$", description="How rows split: person or frame (default: the checkpoint's)"
@@ -180,8 +182,8 @@ COMMANDS: dict[str, tuple[type[BaseModel], tuple[str, ...]]] = {
 HIDDEN = {"annotate": ("progress",)}  # set by the CLI itself (a bar only on a terminal)
 # options whose default is an operator setting: FKD_<FIELD> or fkd.toml, resolved by flows.settings.load_settings
 SETTINGS_BACKED = {
-    "annotate": ("model", "shard_size", "dask_address", "workers", "max_pixels"),
-    "evaluate": ("model",),
+    "annotate": ("model", "detector", "shard_size", "dask_address", "workers", "max_pixels"),
+    "evaluate": ("model", "detector"),
 }
 
 

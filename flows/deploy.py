@@ -25,6 +25,7 @@ def nightly_parameters(settings: FkdSettings) -> dict:
         "out": settings.nightly_out,
         "incremental": True,
         "model": settings.model,
+        "detector": settings.detector,
         "shard_size": settings.shard_size,
         "workers": settings.workers,
         "dask_address": settings.dask_address,

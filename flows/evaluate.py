@@ -29,10 +29,10 @@ from flows.ingest import read_csv
 
 
 @task(**IO_RETRY)
-def score_shard(rows: list[LabelledRow], images: str, model: str) -> list[FaceResult]:
+def score_shard(rows: list[LabelledRow], images: str, model: str, detector: str | None = None) -> list[FaceResult]:
     """Read a shard's images (one at a time) and score its labelled faces."""
     image_ids = list(dict.fromkeys(r.image_id for r in rows))
-    return evaluate_rows(rows, read_under(images, image_ids), Predictor.from_checkpoint(model))
+    return evaluate_rows(rows, read_under(images, image_ids), Predictor.from_checkpoint(model, detector=detector))
 
 
 @task(**IO_RETRY)
@@ -51,20 +51,28 @@ def write_outputs(doc: dict, results: list[FaceResult], out: str, images: str, w
         write_bytes(png_bytes(worst_montage(faces, pixels)), join_uri(out, "worst.png"))
 
 
+def trust_report(loaded, detector: str | None) -> dict:
+    """How the trust heads of the detector a run uses were fitted (the checkpoint's own, or another detector's)."""
+    alt = loaded.detectors.get(detector) if detector else None
+    fitted = alt.fitted.get("trust") if alt is not None else loaded.meta.get("trust")
+    return (fitted or {}).get("report") or {}
+
+
 def preflight(cfg: EvaluateConfig):
-    """Refuse, naming it, a missing CSV, image location, output bucket or model; returns the loaded model."""
+    """Refuse, naming it, a missing CSV, image location, output bucket, model or detector; returns the predictor."""
     check_exists(cfg.csv, "CSV")
     check_exists(cfg.images, "images", directory=True)
     check_bucket(cfg.out, "output bucket")
     # the same cached load the shards use: the CLI's check, the flow and every shard share one checkpoint load
-    return Predictor.from_checkpoint(cfg.model).checkpoint
+    return Predictor.from_checkpoint(cfg.model, detector=cfg.detector)
 
 
 @flow(name="evaluate")
 @flat_parameters(EvaluateConfig)
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Score a checkpoint end to end (Haar + NaimishNet) on labelled images: metrics.json, faces.parquet, worst.png."""
-    loaded = preflight(cfg)
+    predictor = preflight(cfg)
+    loaded, model_id = predictor.checkpoint, predictor.model_id
     log = get_run_logger()
     split_doc = (loaded.meta.get("data") or {}).get("split") or {}
     split_by = cfg.split_by or split_doc.get("split_by") or "person"
@@ -73,10 +81,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     rows, refused = read_csv(cfg.csv)
     if cfg.split != "all":
         rows = [r for r in rows if assign_split(r.image_id, split_by, val_fraction, seed) == cfg.split]
-    log.info("evaluating %s on %d labelled faces (%s split by %s)", loaded.model_id, len(rows), cfg.split, split_by)
+    log.info("evaluating %s on %d labelled faces (%s split by %s)", model_id, len(rows), cfg.split, split_by)
     with ThreadPoolTaskRunner(max_workers=cfg.workers) as runner:
         futures = [
-            runner.submit(score_shard, {"rows": s, "images": cfg.images, "model": cfg.model})
+            runner.submit(score_shard, {"rows": s, "images": cfg.images, "model": cfg.model, "detector": cfg.detector})
             for s in chunks(rows, cfg.shard_size)
         ]
         results = [r for f in futures for r in f.result()]
@@ -89,8 +97,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     # where the failures are: frontal faces against turned heads (yaw of the labelled points)
     pose = by_pose(np.array([r.nme if r.status == "matched" else np.nan for r in results]), face_yaw(results))
     doc = {
-        "model_id": loaded.model_id,
-        "detector": loaded.detector.to_record(),  # part of the pipeline scored: it decides which faces are found
+        "model_id": model_id,
+        "detector": predictor.detector.to_record(),  # part of the pipeline scored: it decides which faces are found
         "csv": cfg.csv,
         "images": cfg.images,
         "split": cfg.split,
@@ -99,9 +107,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "seed": seed,
         "metrics": metrics,
         "by_pose": pose,
-        "trust": trust_metrics(results, loaded.trust.face_threshold if loaded.trust else None),
+        "trust": trust_metrics(results, predictor.trust.face_threshold if predictor.trust else None),
     }
-    fitted = (loaded.meta.get("trust") or {}).get("report", {}).get("quality", {}).get("person-grouped folds")
+    fitted = trust_report(loaded, cfg.detector).get("quality", {}).get("person-grouped folds")
     if doc["trust"] and fitted:
         # the shipped heads were fitted on every labelled face of the training data: scoring them on those faces
         # is in-sample; the record holds the cross-validated figures
@@ -109,17 +117,17 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         log.warning(
             "the trust heads of %s were fitted on labelled faces of its training data; if this CSV holds them, the "
             "quality figures here are in-sample (cross-validated AUROC on its held-out people: %.3f)",
-            loaded.model_id,
+            model_id,
             fitted["auroc"],
         )
-    title = f"{loaded.model_id}, {cfg.split} split by {split_by}"
+    title = f"{model_id}, {cfg.split} split by {split_by}"
     write_outputs(doc, results, cfg.out, cfg.images, cfg.worst if matched else 0, title)
-    row = {"model": loaded.model_id, "split": f"{cfg.split} ({split_by})", "pose": "all", **metrics}
-    rows = [row] + [{"model": loaded.model_id, "split": row["split"], **p} for p in pose]
+    row = {"model": model_id, "split": f"{cfg.split} ({split_by})", "pose": "all", **metrics}
+    rows = [row] + [{"model": model_id, "split": row["split"], **p} for p in pose]
     create_table_artifact(key="evaluate-metrics", table=rows, description="fkd end-to-end metrics, by pose")
     log.info("metrics:\n%s", markdown_table(rows))
-    if loaded.trust is None:
-        log.warning("%s has no trust heads: no trust section and no risk_coverage.png", loaded.model_id)
+    if predictor.trust is None:
+        log.warning("%s has no trust heads: no trust section and no risk_coverage.png", model_id)
     if doc["trust"]:
         create_table_artifact(
             key="evaluate-trust", table=[doc["trust"]], description="how well quality sorts out the failures"

@@ -11,6 +11,7 @@ import difflib
 import os
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -25,6 +26,9 @@ class FkdSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FKD_", extra="forbid", env_ignore_empty=True)
 
     model: str = Field(str(DEFAULT_MODEL), description="Checkpoint used by annotate and evaluate")
+    detector: Literal["haar", "yunet"] | None = Field(
+        None, description="Face detector of annotate and evaluate: haar or yunet (default: the model's own, haar)"
+    )
     shard_size: int = Field(500, ge=1, le=100_000, description="Images per annotate task")
     workers: int = Field(1, ge=1, le=64, description="Shards at once with the local task runner")
     dask_address: str | None = Field(None, description="Dask scheduler for annotate shards")
@@ -66,14 +70,21 @@ class FkdSettings(BaseSettings):
 
 
 SERVED_MODEL = "default: FKD_MODEL (or the settings file's model), else the packaged model"
+SERVED_DETECTOR = (
+    "haar (OpenCV's Haar cascade) or yunet (libfacedetection's CNN, in fkd's yunet extra); default: FKD_DETECTOR "
+    "(or the settings file's detector), else the one the model was trained behind (haar for the packaged model)"
+)
 
 
 def served_model(cfg):
-    """A config's ``model``, filled in where it was not given: the served model, which is only ever what FKD_MODEL
-    (or the settings file) names, or the packaged default. Resolved where the flow runs, so a promotion by
-    FKD_MODEL reaches every deployment served or worked there. (A pydantic after-validator.)"""
-    if cfg.model is None:
-        cfg.model = load_settings().model
+    """A config's ``model`` and ``detector``, filled in where they were not given: the served ones, which are only
+    ever what FKD_MODEL and FKD_DETECTOR (or the settings file) name, or the packaged model and its own detector.
+    Resolved where the flow runs, so a promotion by FKD_MODEL reaches every deployment served or worked there.
+    (A pydantic after-validator.)"""
+    if cfg.model is None or cfg.detector is None:
+        settings = load_settings()
+        cfg.model = cfg.model if cfg.model is not None else settings.model
+        cfg.detector = cfg.detector if cfg.detector is not None else settings.detector
     return cfg
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.compute as pc
@@ -17,13 +18,15 @@ from fkd_core.errors import UserError
 from fkd_core.examples import CANONICAL_MARGIN, inner_fraction
 from fkd_core.geometry import CropPolicy
 from fkd_core.metrics import nme_per_face
-from fkd_core.model import NaimishNetConfig
+from fkd_core.netspec import NaimishNetConfig
 from fkd_core.parquet_io import dataset, read_examples
 from fkd_core.plots import loss_curve_png
 from fkd_core.storage import check_bucket, check_exists, read_json, write_bytes
-from fkd_core.train import EpochStats, History, fit, pack_trained, predict_canonical, start_model
 from flows._common import flat_parameters
 from flows.configs import TrainConfig
+
+if TYPE_CHECKING:  # fkd_core.train needs torch (the train extra); fkd serve imports this module without it
+    from fkd_core.train import History
 
 
 @task
@@ -60,7 +63,7 @@ def stage_one(cfg: TrainConfig, policy: CropPolicy) -> LoadedModel | None:
     if not cfg.refine_of:
         return None
     first = load_checkpoint(cfg.refine_of)
-    if first.refine is not None:
+    if first.two_stage:
         raise UserError(f"refine_of: {cfg.refine_of} already has a refining stage; give its first stage alone")
     if first.policy != policy:
         raise UserError(
@@ -109,7 +112,14 @@ def preflight(cfg: TrainConfig) -> None:
 
     No name can clash with a served model: the checkpoint is named by its weights' sha256 (``save_new_checkpoint``).
     """
-    import torch
+    try:
+        import onnx  # noqa: F401 - each stage's graph is exported beside the checkpoint
+        import torch
+    except ImportError:
+        raise UserError(
+            "training needs torch and onnx, which this install of fkd lacks: pip install 'fkd[train]' (annotate "
+            "and evaluate need neither)"
+        ) from None
 
     if cfg.device != "cpu" and not torch.cuda.is_available():
         raise UserError(f"device: {cfg.device!r} asked for, but torch sees no CUDA GPU on this machine")
@@ -124,12 +134,14 @@ def preflight(cfg: TrainConfig) -> None:
 @flat_parameters(TrainConfig)
 def train(cfg: TrainConfig) -> dict:
     """Train, early-stop on validation NME, and save the best checkpoint (float16 if it loses nothing)."""
+    preflight(cfg)
     import torch
+
+    from fkd_core.train import EpochStats, fit, pack_trained, predict_canonical, start_model
 
     log = get_run_logger()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    preflight(cfg)
     t0 = time.perf_counter()
     fingerprint = data_fingerprint(cfg.examples)
     train_xy = load_split(cfg.examples, "train", cfg.max_train)

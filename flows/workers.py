@@ -13,11 +13,10 @@ import hashlib
 from distributed.diagnostics.plugin import WorkerPlugin
 
 
-def _load(model: str, refine: bool) -> str:
-    import flows.annotate  # noqa: F401 - the shard task's module: imported now, not when the first shard arrives
-    from fkd_core.predict import Predictor
+def _load(model: str, refine: bool, detector: str | None) -> str:
+    from flows.annotate import predictor_of  # the shard task's module: imported now, not at the first shard
 
-    return Predictor.from_checkpoint(model, refine=refine).model_id
+    return predictor_of(model, refine, detector).model_id
 
 
 class ModelOnWorkers(WorkerPlugin):
@@ -27,12 +26,12 @@ class ModelOnWorkers(WorkerPlugin):
     first shard a worker takes finds the model built (``Predictor.from_checkpoint`` caches it per process).
     """
 
-    def __init__(self, model: str, refine: bool = True):
-        self.model, self.refine = model, refine
-        # one plugin per checkpoint and stage choice: registering the same again replaces it instead of stacking
-        self.name = "fkd-model-" + hashlib.sha256(f"{model}|{refine}".encode()).hexdigest()[:12]
+    def __init__(self, model: str, refine: bool = True, detector: str | None = None):
+        self.model, self.refine, self.detector = model, refine, detector
+        # one plugin per checkpoint, stage and detector choice: registering the same again replaces it
+        self.name = "fkd-model-" + hashlib.sha256(f"{model}|{refine}|{detector}".encode()).hexdigest()[:12]
 
     async def setup(self, worker) -> None:
         loop = asyncio.get_running_loop()
-        model_id = await loop.run_in_executor(None, _load, self.model, self.refine)
+        model_id = await loop.run_in_executor(None, _load, self.model, self.refine, self.detector)
         worker.log_event("fkd", {"action": "model-loaded", "model_id": model_id, "worker": worker.address})

@@ -29,6 +29,16 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def model_path() -> str:
+    """The shipped checkpoint (FKD_TEST_MODEL overrides it, for work on a model that is not committed yet)."""
+    from fkd_core.checkpoint import DEFAULT_MODEL
+
+    path = os.environ.get("FKD_TEST_MODEL", str(DEFAULT_MODEL))
+    assert Path(path).is_file(), f"no checkpoint at {path}"
+    return str(Path(path).resolve())
+
+
+@pytest.fixture(scope="session")
 def sample_dir() -> Path:
     return SAMPLE
 

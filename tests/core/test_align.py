@@ -11,12 +11,14 @@ from fkd_core.align import (
     AlignPolicy,
     aligned_matrix,
     alignment_of,
+    frame_change,
     invert,
     perturb,
+    refine_passes,
     sample_aligned_batch,
     warp,
 )
-from fkd_core.geometry import CropPolicy, affine_points, denormalise, normalise
+from fkd_core.geometry import CropPolicy, CropTransform, affine_points, denormalise, normalise
 from fkd_core.model import NaimishNet
 from fkd_core.predict import Predictor
 from fkd_core.types import Box
@@ -164,3 +166,66 @@ def test_validation_scores_what_the_predictor_predicts(passes):
     assert nme_per_face(got, kp).mean() == pytest.approx(nme, rel=1e-4)
     with pytest.raises(ValueError, match="passes >= 1"):
         AlignPolicy(passes=0)
+
+
+def test_frame_change_adds_shift_scale_and_turn():
+    a = Alignment(10.0, 20.0, 5.0, 0.1)
+    assert frame_change(a, a) == 0.0
+    b = Alignment(13.0, 24.0, 10.0, 0.1 - 0.2)  # shifted 5 px (half of b's radius), radius doubled, turned 0.2 rad
+    assert frame_change(a, b) == pytest.approx(0.5 + math.log(2) + 0.2)
+    wrapped = Alignment(10.0, 20.0, 5.0, 0.1 + 2 * math.pi - 0.3)  # a turn of 0.3 rad the long way round
+    assert frame_change(a, wrapped) == pytest.approx(0.3)
+
+
+def test_a_face_whose_frame_barely_moved_skips_the_next_pass():
+    """The stand-in stage answers the face it is shown shifted right by a tenth of the crop's brightness: bright
+    faces move far in the first pass (so go again), dark ones barely (so keep the first pass's keypoints)."""
+    size, side = 96, 3.8
+    shape = _shape() - _shape().mean(axis=0) + 72
+    centred = affine_points(aligned_matrix(alignment_of(shape), side, size), shape)  # the face as a pass sees it
+    levels = np.array([10, 200, 30, 250], np.uint8)
+    contexts = np.stack([np.full((144, 144), v, np.uint8) for v in levels])
+    shown: list[int] = []
+
+    def predict(crops: np.ndarray) -> np.ndarray:
+        shown.append(len(crops))
+        return np.stack([centred + [c[size // 2, size // 2] / 10.0, 0.0] for c in crops])
+
+    first = np.stack([shape] * len(levels))
+    always, _ = refine_passes(predict, contexts, first, AlignPolicy(passes=2), size)
+    assert shown == [4, 4]
+    trace, ran = [], []
+    got, _ = refine_passes(predict, contexts, first, AlignPolicy(passes=2, repeat_above=0.5), size, trace, ran)
+    assert shown[2:] == [4, 2] and [list(r) for r in ran] == [[0, 1, 2, 3], [1, 3]]
+    assert len(trace) == 2 and np.array_equal(trace[1], got)
+    np.testing.assert_array_equal(got[[0, 2]], trace[0][[0, 2]])  # the dark faces kept their first pass
+    np.testing.assert_allclose(got[[1, 3]], always[[1, 3]])  # the bright ones went again, as with every face
+    assert not np.allclose(got[[1, 3]], trace[0][[1, 3]])
+
+
+def test_faces_that_skip_a_pass_keep_that_pass_s_features():
+    """The trust heads read each face's refining features from the last pass it took."""
+    torch.manual_seed(0)
+    first, second = NaimishNet().eval(), NaimishNet().eval()
+    rng = np.random.default_rng(1)
+    n = 6
+    contexts = rng.integers(0, 255, size=(n, 144, 144), dtype=np.uint8)
+    kp = np.stack([_shape() - _shape().mean(axis=0) + 72 + rng.normal(0, 3, size=(68, 2)) for _ in range(n)])
+    identity = [CropTransform(1.0, 0.0, 0.0)] * n
+
+    def run(policy: AlignPolicy):
+        pred = Predictor(first, CropPolicy(), backend="torch", refine=second, align=policy)
+        return pred._refine(contexts, identity, kp.astype(np.float32))
+
+    once, f_once = run(AlignPolicy(passes=1))
+    twice, f_twice = run(AlignPolicy(passes=2))
+    moved = np.array([frame_change(alignment_of(a), alignment_of(b)) for a, b in zip(kp, once[0], strict=True)])
+    threshold = float(np.median(moved))
+    again = moved > threshold
+    assert 0 < again.sum() < n
+    some, f_some = run(AlignPolicy(passes=2, repeat_above=threshold))
+    np.testing.assert_array_equal(some[-1][~again], once[-1][~again])
+    np.testing.assert_array_equal(f_some[~again], f_once[~again])
+    np.testing.assert_allclose(some[-1][again], twice[-1][again], atol=1e-4)
+    np.testing.assert_allclose(f_some[again], f_twice[again], atol=1e-4)
+    assert not np.allclose(f_once[again], f_twice[again], atol=1e-3)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,7 +113,7 @@ def _save_two(tmp_path, first=None) -> tuple[str, str, NaimishNet, NaimishNet]:
         uri,
         policy=CropPolicy(),
         detector=DetectorConfig(),
-        meta={},
+        meta={"seed": 5},
         dtype=torch.float32,
         refine=second,
         align=AlignPolicy(side=3.5, context_size=160),
@@ -187,3 +188,91 @@ def test_a_new_checkpoint_is_named_by_its_weights_and_never_overwrites_one(tmp_p
     save_new_checkpoint(clash, str(tmp_path / "models"), force=True)
     assert load_checkpoint(uri).meta["seed"] == 9
     assert save_new_checkpoint(other, str(tmp_path / "models")) != uri  # new weights: a file of their own
+
+
+def test_every_stage_s_onnx_graph_is_written_beside_the_weights_and_named_with_its_sha256(tmp_path):
+    import hashlib
+
+    import numpy as np
+
+    from fkd_core.checkpoint import graph_uri
+    from fkd_core.predict import Predictor
+
+    uri, mid, first, _ = _save_two(tmp_path)
+    doc = json.loads((tmp_path / "two.json").read_text())
+    assert set(doc["onnx"]) == {"first", "refine"}
+    for stage in ("first", "refine"):
+        path = tmp_path / doc["onnx"][stage]["file"]
+        assert str(path) == graph_uri(uri, stage) and path.name == f"two.{stage}.onnx"
+        assert doc["onnx"][stage]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    loaded = load_checkpoint(uri)
+    assert loaded.graphs["first"] == (tmp_path / "two.first.onnx").read_bytes()
+    # the shipped graph computes what the network does (float16 weights stored, float32 arithmetic)
+    crops = np.random.default_rng(0).integers(0, 255, size=(5, 96, 96), dtype=np.uint8)
+    from_graph = Predictor.from_checkpoint(uri, refine=False).predict_crops(crops)
+    eager = Predictor(first, CropPolicy(), backend="torch").predict_crops(crops)
+    assert np.abs(from_graph - eager).max() < 1e-3
+
+
+def test_an_altered_or_missing_graph_is_refused(tmp_path):
+    uri, _, _, _ = _save_two(tmp_path)
+    graph = tmp_path / "two.refine.onnx"
+    good = graph.read_bytes()
+    graph.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(CheckpointError, match=r"two\.refine\.onnx: sha256 does not match .*altered graph"):
+        load_checkpoint(uri)
+    graph.unlink()
+    with pytest.raises(CheckpointError, match=r"its refine graph .*two\.refine\.onnx does not exist"):
+        load_checkpoint(uri)
+    # a copy under another name carries its graphs under that name too
+    for suffix in (".safetensors", ".json", ".first.onnx"):
+        (tmp_path / f"copy{suffix}").write_bytes((tmp_path / f"two{suffix}").read_bytes())
+    (tmp_path / "copy.refine.onnx").write_bytes(good)
+    assert load_checkpoint(str(tmp_path / "copy.safetensors")).graphs["refine"] == good
+
+
+def test_weights_without_a_recorded_digest_are_refused(tmp_path):
+    _, uri, _ = _save(tmp_path)
+    doc = json.loads((tmp_path / "m.json").read_text())
+    del doc["weights_sha256"]
+    (tmp_path / "m.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="records no weights_sha256"):
+        load_checkpoint(uri)
+
+
+def test_graphs_are_added_once_to_a_checkpoint_written_without_them(tmp_path):
+    """The one-off step for a checkpoint from before graphs were shipped: its weights, and so its id, stay."""
+    from fkd_core.checkpoint import add_graphs
+
+    uri, mid, _, _ = _save_two(tmp_path)
+    weights = (tmp_path / "two.safetensors").read_bytes()
+    doc = json.loads((tmp_path / "two.json").read_text())
+    del doc["onnx"]
+    (tmp_path / "two.json").write_text(json.dumps(doc))
+    for stage in ("first", "refine"):
+        (tmp_path / f"two.{stage}.onnx").unlink()
+    assert load_checkpoint(uri).graphs == {}
+    written = add_graphs(uri)
+    assert sorted(written) == ["first", "refine"] and all(Path(p).is_file() for p in written.values())
+    loaded = load_checkpoint(uri)
+    assert set(loaded.graphs) == {"first", "refine"} and loaded.model_id == mid
+    assert (tmp_path / "two.safetensors").read_bytes() == weights
+    with pytest.raises(CheckpointError, match="two.first.onnx exists"):
+        add_graphs(uri)
+
+
+def test_a_repacked_checkpoint_keeps_its_stages_to_the_bit(tmp_path):
+    import dataclasses
+
+    from fkd_core.checkpoint import repack, write_checkpoint
+
+    uri, mid, _, _ = _save_two(tmp_path)
+    loaded = load_checkpoint(uri)
+    policy = dataclasses.replace(loaded.align, repeat_above=0.08)
+    packed = repack(loaded, align=policy, record={"note": "rule fitted"})
+    assert packed.model_id == mid  # the same weights: the same id
+    out = write_checkpoint(packed, str(tmp_path / "again.safetensors"))
+    again = load_checkpoint(out)
+    assert again.align == policy and again.meta["note"] == "rule fitted"
+    assert again.meta["seed"] == 5 and "onnx" in again.meta  # the record kept, graphs of its own
+    assert all((again.tensors[k] == v).all() and again.tensors[k].dtype == v.dtype for k, v in loaded.tensors.items())

@@ -168,7 +168,7 @@ def test_a_run_starts_from_the_weights_its_recipe_names():
     def loaded(refine: bool = False, size: int = 96) -> LoadedModel:
         cfg = NaimishNetConfig(input_size=size)
         two = NaimishNet(cfg) if refine else None
-        return LoadedModel(NaimishNet(cfg), CropPolicy(), DetectorConfig(), "m-0", {}, two, None)
+        return LoadedModel.of(NaimishNet(cfg), two, policy=CropPolicy(), detector=DetectorConfig(), model_id="m-0")
 
     first, init, pair = loaded(), loaded(), loaded(refine=True)
     assert start_model(None, None, 96) is None

@@ -200,6 +200,8 @@ def test_passes_that_disagree_and_a_face_off_its_box_show_in_the_signals():
 
 
 def test_heads_of_the_wrong_shape_are_refused_when_the_checkpoint_loads(tmp_path):
+    import json
+
     from fkd_core.checkpoint import write_checkpoint
     from fkd_core.errors import CheckpointError
 
@@ -210,7 +212,12 @@ def test_heads_of_the_wrong_shape_are_refused_when_the_checkpoint_loads(tmp_path
         loaded.model, "m", policy=loaded.policy, detector=loaded.detector, meta={}, refine=loaded.refine,
         align=loaded.align, trust=broken,
     )  # fmt: skip
-    uri = write_checkpoint(packed, str(tmp_path / "m.safetensors"))
+    uri = str(tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match="trust.face.weight"):
+        write_checkpoint(packed, uri)  # refused before anything is written
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "m.safetensors").write_bytes(packed.blob)  # the same files made by other means
+    (tmp_path / "m.json").write_text(json.dumps(packed.doc))
     with pytest.raises(CheckpointError, match="trust.face.weight"):
         load_checkpoint(uri)
 

@@ -47,16 +47,6 @@ def _flows_use_the_harness(request):
         request.getfixturevalue("prefect_harness")
 
 
-@pytest.fixture(scope="session")
-def model_path() -> str:
-    """The shipped checkpoint (FKD_TEST_MODEL overrides it, for work on a model that is not committed yet)."""
-    from fkd_core.checkpoint import DEFAULT_MODEL
-
-    path = os.environ.get("FKD_TEST_MODEL", str(DEFAULT_MODEL))
-    assert Path(path).is_file(), f"no checkpoint at {path}"
-    return str(Path(path).resolve())
-
-
 def stop(proc: subprocess.Popen) -> None:
     """Stop a process group we started, by PID: SIGTERM, then SIGKILL."""
     if proc.poll() is not None:

