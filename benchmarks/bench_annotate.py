@@ -73,7 +73,7 @@ def run_flow(source: str, out: str, shard_size: int, model: str, detector: str |
 
 
 def run_flow_doc(source: str, out: str, shard_size: int, model: str, detector: str | None = None) -> tuple[float, dict]:
-    from flows.annotate import annotate
+    from fkd_flows.annotate import annotate
 
     t0 = time.perf_counter()
     doc = annotate(source=source, out=out, shard_size=shard_size, model=model, run_id="bench", detector=detector)
@@ -100,7 +100,7 @@ def photos_12mp(dst: Path, copies: int) -> Path:
 def ratio(args) -> dict:
     from fkd_core.checkpoint import load_checkpoint
     from fkd_core.image_io import list_images
-    from flows.annotate import annotate
+    from fkd_flows.annotate import annotate
 
     detector = load_checkpoint(args.model).detector
     with tempfile.TemporaryDirectory() as tmp:
@@ -242,7 +242,7 @@ def dask_cluster_vs_local(args) -> dict:
             procs.append(subprocess.Popen(cmd, env=env, **quiet))
             os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{api_port}/api"
             _wait_http(f"http://127.0.0.1:{api_port}/api/health")
-            from flows.annotate import annotate  # Prefect reads PREFECT_API_URL when it is first imported
+            from fkd_flows.annotate import annotate  # Prefect reads PREFECT_API_URL when it is first imported
 
             corpus = make_corpus(Path(args.images), args.n, Path(tmp) / "in")
             n = len(list_images(str(corpus)))
@@ -317,7 +317,7 @@ def memory16(args) -> dict:
         for name, root in roots.items():
             code = (
                 "import json, resource, time\n"
-                "from flows.annotate import annotate\n"
+                "from flows.annotate import annotate\n"  # the checkout's own folder (PYTHONPATH), not the install
                 "t0 = time.perf_counter()\n"
                 f"doc = annotate(source={str(corpus)!r}, out={tmp + '/out-' + name.split()[0]!r}, "
                 f"model={str(root / 'saved_models' / 'naimishnet.safetensors')!r})\n"
@@ -348,7 +348,7 @@ def versus(args) -> dict:
                 code = (
                     "import json, time\n"
                     "import fkd_core\n"
-                    "from flows.annotate import annotate\n"
+                    "from flows.annotate import annotate\n"  # the checkout's own folder (PYTHONPATH)
                     f"annotate(source={str(corpus)!r} + '/' + sorted(__import__('os').listdir({str(corpus)!r}))[0], "
                     f"out={tmp + f'/warm-{name}-{r}'!r})\n"
                     "t0 = time.perf_counter()\n"
@@ -391,7 +391,7 @@ def startup(args) -> dict:
         for r in range(args.rounds + 1):
             for name, root in roots.items():
                 dest = Path(tmp) / f"out-{name}-{r}"
-                cmd = [sys.executable, "-m", "flows.cli", "annotate", photo, str(dest)]
+                cmd = [sys.executable, "-m", "flows.cli", "annotate", photo, str(dest)]  # the checkout's own folder
                 t0 = time.perf_counter()
                 proc = subprocess.Popen(cmd, cwd=root, env=env | {"PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE)  # fmt: skip
@@ -424,7 +424,7 @@ def memory(args) -> dict:
         corpus = make_corpus(Path(args.images), args.n, Path(tmp) / "in")
         code = (
             "import json, resource, time\n"
-            "from flows.annotate import annotate\n"
+            "from fkd_flows.annotate import annotate\n"
             "t0 = time.perf_counter()\n"
             f"doc = annotate(source={str(corpus)!r}, out={tmp + '/out'!r}, "
             f"shard_size={args.shard_size[0]}, model={args.model!r}, detector={detector!r})\n"

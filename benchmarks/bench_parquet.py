@@ -23,7 +23,7 @@ IMAGES = ROOT.parent / "shared" / "data" / "facial-keypoints" / "training"
 
 def main() -> None:
     from fkd_core.parquet_io import FACES_SCHEMA, dataset, write_table
-    from flows.annotate import annotate
+    from fkd_flows.annotate import annotate
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1400)

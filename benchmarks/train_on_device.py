@@ -306,7 +306,7 @@ def assemble(
     from fkd_core.parquet_io import read_examples
     from fkd_core.train import History
     from fkd_core.train import checkpoint_val_nme as val_nme
-    from flows.train import TrainConfig, checkpoint_record, data_fingerprint
+    from fkd_flows.train import TrainConfig, checkpoint_record, data_fingerprint
 
     doc = json.loads(Path(runs_json).read_text())
     log = doc["runs"][name]

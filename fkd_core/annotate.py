@@ -104,14 +104,14 @@ def annotate_images(
     reads: Iterable[tuple[str, bytes | ImageError]],
     predictor: Predictor,
     s: ShardConfig = ShardConfig(),
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[_Image]:
     """Annotate files given as ``(uri, bytes or the error reading them raised)``, in order (``storage.iter_read``
     streams them): threads decode and detect; the model runs batched on every ``s.model_every`` images as they come,
     on a thread of its own, while the next images are decoded and detected.
 
     Running the model as images come (instead of once per shard) keeps only a few batches of crops in memory and
-    lets ``progress(n)`` report images that are really done, ``n`` at a time.
+    lets ``progress(n, faces)`` report images that are really done, ``n`` at a time, with their faces.
     """
     threads = s.threads or os.cpu_count() or 1
     window = read_window(s)
@@ -126,7 +126,7 @@ def annotate_images(
             fut.result()
             images.extend(b)
             if progress is not None:
-                progress(len(b))
+                progress(len(b), sum(len(im.boxes) for im in b))
 
     def take(img: _Image, model: ThreadPoolExecutor) -> None:
         batch.append(img)
@@ -215,7 +215,7 @@ def annotate_shard(
     reads: Iterable[tuple[str, bytes | ImageError]],
     predictor: Predictor,
     s: ShardConfig = ShardConfig(),
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
     versions: list[str | None] | None = None,
 ) -> ShardOutput:
     """Annotate one shard's files, given as ``(uri, bytes or error)`` in order, into its tables; no storage I/O

@@ -53,10 +53,14 @@ def loss_curve_figure(
         # one legend for both axes: two would overlap
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
-        ax2.legend(h1 + h2, l1 + l2, loc="upper right", fontsize="small")
+        handles, labels = h1 + h2, l1 + l2
+        legend_ax = ax2
     else:
-        ax.legend(loc="upper right")
+        (handles, labels), legend_ax = ax.get_legend_handles_labels(), ax
+    # below the plot, where it covers no curve
+    legend_ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize="small")
     ax.grid(alpha=0.3)
+    fig.set_size_inches(7, 4 + 0.25 * ((len(labels) + 1) // 2))
     fig.tight_layout()
     return fig
 
@@ -91,11 +95,21 @@ def draw_faces(
     truth: list[np.ndarray] | None = None,
     quality: list[float | None] | None = None,
     labels: list[str] | None = None,
+    max_side: int = 0,
 ) -> np.ndarray:
     """BGR image with boxes and keypoints drawn (truth, if given, as white hollow circles).
 
     With ``quality`` (one per face) each face's box and points take its :func:`quality_colour` instead of the
-    per-region colours, and ``labels`` are written above the boxes."""
+    per-region colours, and ``labels`` are written above the boxes. With ``max_side`` the picture is at most that
+    long (the image is shrunk first and everything drawn at that scale, so lines stay sharp); 0: full size."""
+    h, w = gray_or_bgr.shape[:2]
+    scale = max_side / max(h, w) if max_side and max(h, w) > max_side else 1.0
+    if scale < 1:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        gray_or_bgr = cv2.resize(gray_or_bgr, size, interpolation=cv2.INTER_AREA)
+        boxes = [Box(b.x * scale, b.y * scale, b.w * scale, b.h * scale) for b in boxes]
+        keypoints = [np.asarray(k) * scale for k in keypoints]
+        truth = [np.asarray(t) * scale for t in truth] if truth else truth
     img = cv2.cvtColor(gray_or_bgr, cv2.COLOR_GRAY2BGR) if gray_or_bgr.ndim == 2 else gray_or_bgr.copy()
     r = radius or max(1, round(max(img.shape[:2]) / 300))
     colours = [quality_colour(q) for q in quality] if quality is not None else [None] * len(boxes)

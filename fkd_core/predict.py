@@ -211,6 +211,18 @@ class Predictor:
     def refines(self) -> bool:
         return len(self._nets) > 1
 
+    @property
+    def why_untrusted(self) -> str | None:
+        """Why this predictor's faces will have no ``face_prob`` and ``quality``, or None when they will."""
+        if self.trust is not None:
+            return None
+        if not self.refines and self.checkpoint is not None and self.checkpoint.two_stage:
+            return "its refining stage is off (--no-refine), and the trust heads read it"
+        if not self.refines:
+            return ("it has no refining stage, which the trust heads read (a first stage, as `fkd train` writes it; "
+                    "train one with --refine-of)")  # fmt: skip
+        return "it has no trust heads (benchmarks/fit_trust.py fits them)"
+
     def locate(self, gray: np.ndarray, boxes: list[Box] | None = None) -> Located:
         """Find the faces of a grayscale image (with this predictor's detector, unless ``boxes`` are given, in the
         sense of the detector the model was trained behind) and cut every crop the model stages need. Safe to call

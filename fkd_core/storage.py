@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import fsspec
 
-from fkd_core.errors import CREDENTIAL_HINT, AccessDenied, BucketNotFound, ImageError, SourceNotFound
+from fkd_core.errors import CREDENTIAL_HINT, AccessDenied, BucketNotFound, ImageError, SourceNotFound, UserError
 
 # A file that takes longer than this to read from a store is recorded as an error, not waited for.
 DEFAULT_READ_SECONDS = 120.0
@@ -104,6 +104,15 @@ def check_exists(uri: str, what: str, directory: bool = False) -> None:
             return
     if not fs.exists(path):
         raise SourceNotFound(f"{what} {uri} does not exist")
+
+
+def check_output(uri: str, what: str = "output") -> None:
+    """Refuse an output location that cannot hold fkd's files: a missing bucket (:class:`BucketNotFound`), or a
+    file where a directory or prefix should be (:class:`UserError`, naming it)."""
+    check_bucket(uri, f"{what} bucket")
+    fs, path = url_to_fs(uri)
+    if fs.isfile(path):
+        raise UserError(f"{what} {uri} is a file; give a directory or a bucket prefix to write into")
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,32 @@ def logging_handlers(kind: type[logging.Handler] = logging.Handler) -> list[logg
     return list(found.values())
 
 
+class _NoUserErrorTracebacks(logging.Filter):
+    """Prefect logs a failed run's exception with its traceback; for a user error the message alone says it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from fkd_core.errors import UserError
+
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def console_handlers() -> list[logging.Handler]:
+    """Prefect's console log handlers (each prints through a rich console of its own)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    return logging_handlers(PrefectConsoleHandler)
+
+
+def hide_user_error_tracebacks() -> None:
+    """Let Prefect's console log handlers print a user error (a missing path, model or bucket) as its one line:
+    on the CLI, and in a served flow run's process, whose output `fkd serve` shows."""
+    for handler in console_handlers():
+        if not any(isinstance(f, _NoUserErrorTracebacks) for f in handler.filters):
+            handler.addFilter(_NoUserErrorTracebacks())
+
+
 def flat_parameters(cfg_cls: type[BaseModel]):
     """Give a flow that works on one validated config flat parameters: the config's fields, one by one.
 
@@ -83,6 +109,7 @@ def flat_parameters(cfg_cls: type[BaseModel]):
 
         @functools.wraps(impl)
         def fn(*args, **kwargs):
+            hide_user_error_tracebacks()  # a served run's process has no CLI in front of it to do this
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
             return impl(cfg_cls(**bound.arguments))

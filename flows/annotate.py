@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fkd_core.annotate import MODEL_THREADS, ShardConfig, ShardCounts, read_window
+from fkd_core.annotate import ShardConfig, ShardCounts, read_window
 from fkd_core.annotate import annotate_shard as shard_tables
 from fkd_core.errors import RunConflict, UserError
 from fkd_core.image_io import list_source as list_files
@@ -23,10 +23,12 @@ from fkd_core.lease import Lease, LeaseUnsupported, default_holder
 from fkd_core.parquet_io import FACES_SCHEMA, IMAGES_SCHEMA, dataset, part_uri, write_table
 from fkd_core.predict import Predictor
 from fkd_core.runs import RunRecord, finished_counts
-from fkd_core.storage import Listing, SourceFile, check_bucket, check_exists, exists, iter_read, join_uri, read_json
-from flows._common import IO_RETRY, chunks, flat_parameters, markdown_table
-from flows.configs import AnnotateConfig
-from flows.progress import ProgressBoard, progress_sink
+from fkd_core.storage import Listing, SourceFile, exists, iter_read, join_uri, read_json
+
+from . import preflight
+from ._common import IO_RETRY, chunks, flat_parameters, markdown_table
+from .configs import AnnotateConfig
+from .progress import ProgressBoard, progress_sink
 
 PLAN_SCHEMA = pa.schema(
     [
@@ -41,7 +43,7 @@ SKIPPED_SCHEMA = pa.schema(
 
 
 def new_run_id() -> str:
-    """A run id that sorts by start time.
+    """A run id: a UTC time and eight hex digits (``20250101T020000Z-1a2b3c4d``).
 
     Inside a Prefect flow run it is derived from that flow run (its creation time and id), so a flow run that
     Prefect reschedules or retries (after a SIGTERM or a crash) resumes the same fkd run instead of starting
@@ -54,52 +56,13 @@ def new_run_id() -> str:
     if run is not None and run.created is not None:
         # the id's random tail: Prefect's flow run ids are time-ordered (UUIDv7), their heads alike within a second
         return run.created.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + run.id.hex[-8:]
-    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
-
-
-def preflight(cfg: AnnotateConfig):
-    """What would make the run fail whatever it does, checked before anything is written; returns the model.
-
-    A missing source path, a missing source or output bucket, a missing or broken model: each raises a
-    :class:`~fkd_core.errors.UserError` naming it. Object stores have no directories, so an empty or absent
-    prefix in an existing bucket is a run with nothing to do, not an error.
-    """
-    check_locations.fn(cfg.source, cfg.out)
-    if cfg.dask_address:
-        check_scheduler(cfg.dask_address)
-    return predictor_of(cfg.model, cfg.refine, cfg.detector)
-
-
-def predictor_of(model: str, refine: bool, detector: str | None) -> Predictor:
-    """The predictor annotate runs (built once per process: preflight, the flow, every shard and each Dask worker
-    ask for this same one)."""
-    return Predictor.from_checkpoint(model, refine=refine, detector=detector, threads=MODEL_THREADS)
-
-
-def check_scheduler(address: str, timeout: float = 10.0) -> None:
-    """Refuse a Dask scheduler address where nothing answers (a typo, a stopped cluster), naming it, instead of
-    a 30 s wait and a traceback; ``tcp://`` addresses are checked, others are left to Dask."""
-    import socket
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(address if "://" in address else f"tcp://{address}")
-    if parts.scheme != "tcp" or not parts.hostname:
-        return
-    try:
-        socket.create_connection((parts.hostname, parts.port or 8786), timeout=timeout).close()
-    except OSError as e:
-        raise UserError(
-            f"Dask scheduler {address} does not answer ({e.strerror or type(e).__name__}); check --dask-address "
-            "or FKD_DASK_ADDRESS"
-        ) from None
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
 
 
 @task(**IO_RETRY)
 def check_locations(source: str, out: str) -> None:
-    """The source exists (its bucket, on an object store) and so does the output's bucket; a store that does not
-    answer is retried like any other storage call."""
-    check_exists(source, "source", directory=True)
-    check_bucket(out, "output bucket")
+    """``preflight.locations`` as a task: a store that does not answer is retried like any other storage call."""
+    preflight.locations(source, out)
 
 
 @task(**IO_RETRY)
@@ -188,7 +151,7 @@ def annotate_shard(
     """Annotate one shard end to end: read its files (streamed), annotate them, write its Parquet parts, the
     ``images`` part last as the mark of a finished shard (idempotent: reruns overwrite the same parts)."""
     t0 = time.perf_counter()
-    predictor = predictor_of(model, refine, detector)
+    predictor = preflight.predictor_of(model, refine, detector)
     settings = ShardConfig(max_pixels=max_pixels, threads=shard_threads())
     reads = iter_read(uris, settings.max_bytes, read_window(settings))
     result = shard_tables(reads, predictor, settings, progress_sink(progress_key), versions)
@@ -283,14 +246,13 @@ def annotate(cfg: AnnotateConfig) -> dict:
     """
     check_locations(cfg.source, cfg.out)
     if cfg.dask_address:
-        check_scheduler(cfg.dask_address)
+        preflight.check_scheduler(cfg.dask_address)
     # a missing or broken model, or a detector it has no mapping for (or that is not installed), fails here
-    predictor = predictor_of(cfg.model, cfg.refine, cfg.detector)
+    predictor = preflight.predictor_of(cfg.model, cfg.refine, cfg.detector)
     run_id = cfg.run_id or new_run_id()
     log = get_run_logger()
-    if predictor.trust is None:
-        why = "first stage only (--no-refine)" if not predictor.refines else "no trust heads (benchmarks/fit_trust.py)"
-        log.warning("%s: face_prob and quality will be null: %s", predictor.model_id, why)
+    if predictor.why_untrusted:
+        log.warning("%s: face_prob and quality will be null: %s", predictor.model_id, predictor.why_untrusted)
     with _leases(cfg, run_id, log) as leases:
         return _annotate(cfg, predictor, run_id, log, leases)
 
@@ -339,6 +301,11 @@ def _annotate(cfg: AnnotateConfig, predictor: Predictor, run_id: str, log, lease
             save_skipped(join_uri(cfg.out, "runs", f"{run_id}.skipped.parquet"), listing.skipped)
             log.info("%d files under the source are not images (runs/%s.skipped.parquet says why)",
                      len(listing.skipped), run_id)  # fmt: skip
+        warnings = []
+        if not listing.images:  # a quiet night lists images it skips; a typo in the prefix lists nothing at all
+            found = f"{len(listing.skipped)} files but no image" if listing.skipped else "nothing"
+            warnings.append(f"source {cfg.source} lists {found}: check the path or prefix; this run annotates nothing")
+            log.warning(warnings[-1])
         shards = list(chunks(files, cfg.shard_size))
         _check_leases(leases)  # the plan claims these images: only while the leases are ours
         save_plan(plan_uri, shards)
@@ -351,7 +318,7 @@ def _annotate(cfg: AnnotateConfig, predictor: Predictor, run_id: str, log, lease
             "skipped_files": len(listing.skipped),
             "shards": len(shards),
             "images_planned": sum(map(len, shards)),
-        }
+        } | ({"warnings": warnings} if warnings else {})
     doc["config"] = cfg.model_dump()
     record = RunRecord(
         run_uri, doc, cfg.heartbeat_seconds, on_error=lambda e: log.warning("run record heartbeat not written: %s", e)
@@ -386,11 +353,12 @@ def _annotate(cfg: AnnotateConfig, predictor: Predictor, run_id: str, log, lease
         "faces": totals.faces,
         "seconds": round(seconds, 1),
     }
+    warned = "".join(f"\n\n**Warning:** {w}" for w in record.doc.get("warnings", []))
     create_markdown_artifact(
         key="annotate-run",
-        markdown=f"# fkd annotate `{run_id}`\n\nsource `{cfg.source}` -> `{cfg.out}`, model `{model_id}`\n\n"
+        markdown=f"# fkd annotate `{run_id}`\n\nsource `{cfg.source}` -> `{cfg.out}`, model `{model_id}`{warned}\n\n"
         + markdown_table([summary]),
-        description="fkd annotate run summary",
+        description="fkd annotate run summary" + (" (with warnings)" if warned else ""),
     )
     log.info("run %s done: %s", run_id, summary)
     return record.doc
@@ -448,7 +416,7 @@ def _run_shards(
                     for fut in done:
                         counts: ShardCounts = fut.result()
                         totals.add(counts)
-                        board.shard_done(counts.images)
+                        board.shard_done(counts.images, counts.faces)
                         log.info(
                             "shard done: %d images, %d faces, %d errors, %.1f images/s",
                             counts.images,
@@ -468,7 +436,7 @@ def _run_shards(
 
 def _load_model_on_workers(runner, cfg: AnnotateConfig, log) -> None:
     """Have every Dask worker build the predictor before the shards go out (and any worker that joins later)."""
-    from flows.workers import ModelOnWorkers
+    from .workers import ModelOnWorkers
 
     t0 = time.perf_counter()
     client = runner.client

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -17,45 +16,40 @@ def _print(doc: dict) -> None:
     typer.echo(json.dumps(doc, indent=2, default=str))
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
     """A user error: one line on stderr naming what and where, exit status 2, no traceback."""
     typer.echo(f"fkd: {message}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
-def _run(flow, cfg, preflight=None) -> dict:
-    """Run a flow on a validated config; user errors (missing path, model or bucket...) end in one line and exit 2.
-
-    ``preflight(cfg)`` checks what cannot heal before the flow starts (and before Prefect's API comes up).
+def _run(name: str, cfg) -> dict:
+    """Run flow ``name`` on a validated config. What cannot heal (a missing path, model or bucket...) is checked
+    first (``preflight``), before Prefect is even imported, and ends in one line and exit 2; so does a user error
+    the flow itself finds. A store that does not answer the checks is one line and exit 1 (it may heal: try again).
     """
-    from fkd_core.errors import UserError
+    import importlib
 
-    _hide_user_error_tracebacks()
+    from fkd_core.errors import UserError, is_transient
+
+    from . import preflight
+
     try:
-        if preflight is not None:
-            preflight(cfg)
+        getattr(preflight, name)(cfg)
+    except UserError as e:
+        _fail(str(e))
+    except Exception as e:
+        if not is_transient(e):
+            raise
+        _fail(f"the store did not answer ({type(e).__name__}: {e}); it may be down or the address wrong "
+              "(AWS_ENDPOINT_URL): try again", code=1)  # fmt: skip
+    from ._common import hide_user_error_tracebacks
+
+    flow = getattr(importlib.import_module(f"{__package__}.{name}"), name)
+    hide_user_error_tracebacks()
+    try:
         return flow(**cfg.model_dump())
     except UserError as e:
         _fail(str(e))
-
-
-class _NoUserErrorTracebacks(logging.Filter):
-    """Prefect logs a failed run's exception with its traceback; for a user error the message alone says it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from fkd_core.errors import UserError
-
-        if record.exc_info and isinstance(record.exc_info[1], UserError):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def _hide_user_error_tracebacks() -> None:
-    from flows.progress import console_handlers
-
-    for handler in console_handlers():
-        if not any(isinstance(f, _NoUserErrorTracebacks) for f in handler.filters):
-            handler.addFilter(_NoUserErrorTracebacks())
 
 
 def _config(cls, command: str | None = None, **fields):
@@ -72,7 +66,7 @@ def _config(cls, command: str | None = None, **fields):
             name = ".".join(str(p) for p in err["loc"])
             where = f"--{name.replace('_', '-')}"
             if command is not None:
-                from flows.configs import env_var
+                from .configs import env_var
 
                 env = env_var(command, name)
                 where += f" or {env}" if env in os.environ else ""
@@ -95,7 +89,7 @@ def _cli_type(annotation):
 
 
 def flow_command(name: str):
-    """Register ``fkd <name>`` from its flow's pydantic config (``flows.configs.COMMANDS``): the config's argument
+    """Register ``fkd <name>`` from its flow's pydantic config (``fkd_flows.configs.COMMANDS``): the config's argument
     fields become positional arguments and every other field an option, with the field's description, default and
     environment variable, so the CLI, the flow and a deployment can never disagree. The decorated function gets
     the validated config."""
@@ -103,7 +97,7 @@ def flow_command(name: str):
 
     from pydantic_core import PydanticUndefined
 
-    from flows.configs import COMMANDS, HIDDEN, SETTINGS_BACKED, env_var
+    from .configs import COMMANDS, HIDDEN, SETTINGS_BACKED, env_var
 
     cfg_cls, arguments = COMMANDS[name]
     settings = SETTINGS_BACKED.get(name, ())
@@ -116,7 +110,7 @@ def flow_command(name: str):
         env = env_var(name, field)
         if field in settings:
             # resolved by load_settings (flag > FKD_* > fkd.toml > default), which names the culprit of a bad value
-            from flows.settings import FkdSettings
+            from .settings import FkdSettings
 
             default_value = FkdSettings.model_fields[field].default
             # model's and detector's descriptions say their defaults; an unset one has none to show
@@ -156,12 +150,10 @@ def flow_command(name: str):
 @flow_command("annotate")
 def annotate(cfg) -> None:
     """Find every face under SOURCE and write 68 keypoints per face to OUT (Parquet)."""
-    from flows.annotate import annotate as flow
-    from flows.annotate import preflight
-
     cfg.progress = sys.stderr.isatty()
-    doc = _run(flow, cfg, preflight)
+    doc = _run("annotate", cfg)
     keys = ("run_id", "status", "model_id", "images_planned", "skipped_existing", "skipped_files", "counts", "seconds")
+    keys += ("warnings",)
     _print({k: doc[k] for k in keys if k in doc})
 
 
@@ -170,7 +162,7 @@ def serve(
     interval: Annotated[float | None, typer.Option(help="Run the nightly deployment every N seconds instead")] = None,
 ) -> None:
     """Serve the deployments (nightly incremental annotation from FKD_NIGHTLY_SOURCE, and on-demand flows)."""
-    from flows.deploy import DeploymentConflict, serve_all
+    from .deploy import DeploymentConflict, serve_all
 
     s = _settings()
     if not (s.nightly_source and s.nightly_out):
@@ -182,14 +174,14 @@ def serve(
 
 
 def _warn_unknown_variables() -> None:
-    from flows.settings import unknown_variables
+    from .settings import unknown_variables
 
     for warning in unknown_variables():
         typer.echo(f"fkd: {warning}", err=True)
 
 
 def _settings(**overrides):
-    from flows.settings import SettingsError, load_settings
+    from .settings import SettingsError, load_settings
 
     _warn_unknown_variables()
     try:
@@ -201,10 +193,7 @@ def _settings(**overrides):
 @flow_command("ingest")
 def ingest(cfg) -> None:
     """Turn a keypoints CSV and its images into the training examples Parquet."""
-    from flows.ingest import ingest as flow
-    from flows.ingest import preflight
-
-    doc = _run(flow, cfg, preflight)
+    doc = _run("ingest", cfg)
     _print({k: v for k, v in doc.items() if k != "refused"} | {"refused (first 20)": doc["refused"][:20]})
 
 
@@ -214,19 +203,13 @@ def train(cfg) -> None:
 
     The served model never changes: point FKD_MODEL (or --model) at the new file to promote it.
     """
-    from flows.train import preflight
-    from flows.train import train as flow
-
-    _print(_run(flow, cfg, preflight))
+    _print(_run("train", cfg))
 
 
 @flow_command("evaluate")
 def evaluate(cfg) -> None:
     """End-to-end metrics of a checkpoint on labelled images."""
-    from flows.evaluate import evaluate as flow
-    from flows.evaluate import preflight
-
-    _print(_run(flow, cfg, preflight))
+    _print(_run("evaluate", cfg))
 
 
 @app.command("export-onnx")
@@ -358,6 +341,7 @@ def show(
     image: Annotated[str, typer.Argument(help="The image (its URI, or any unique suffix of it)")],
     png: Annotated[Path | None, typer.Option(help="Where to write the picture")] = None,
     run_id: Annotated[str | None, typer.Option(help="Only this run's keypoints")] = None,
+    max_side: Annotated[int, typer.Option(min=0, help="Longest side of the picture in pixels (0: the image's)")] = 2048,
 ) -> None:
     """Draw an image's boxes and keypoints from OUT to a PNG, each face coloured by its quality (green: keypoints
     likely right, through yellow, to red: P(NME > 0.10) of 0.5 or more) and labelled with quality and face_prob."""
@@ -408,6 +392,7 @@ def show(
         [np.stack([x, y], axis=1) for x, y in zip(kx, ky, strict=True)],
         quality=quality,
         labels=labels,
+        max_side=max_side,
     )
     target = png or Path(uri.rsplit("/", 1)[-1].rsplit(".", 1)[0] + "_keypoints.png")
     target.write_bytes(png_bytes(img))

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from fkd_core.align import AlignPolicy
 from fkd_core.image_io import DEFAULT_MAX_PIXELS
 from fkd_core.recipe import INPUT_SIZE, AugmentConfig, FitConfig
-from flows.settings import SERVED_DETECTOR, SERVED_MODEL, served_model
+
+from .settings import SERVED_DETECTOR, SERVED_MODEL, served_model
 
 
 class AnnotateConfig(BaseModel):

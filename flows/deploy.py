@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 
-from flows.settings import FkdSettings
+from .settings import FkdSettings
 
 NIGHTLY = "nightly-incremental"
 ON_DEMAND = "on-demand"
@@ -41,11 +41,12 @@ def build_deployments(settings: FkdSettings, interval: float | None = None) -> l
     (state AwaitingConcurrencySlot), not as a process.
     """
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.types.entrypoint import EntrypointType
 
-    from flows.annotate import annotate
-    from flows.evaluate import evaluate
-    from flows.ingest import ingest
-    from flows.train import train
+    from .annotate import annotate
+    from .evaluate import evaluate
+    from .ingest import ingest
+    from .train import train
 
     deployments = []
     if settings.nightly_source and settings.nightly_out:
@@ -53,6 +54,7 @@ def build_deployments(settings: FkdSettings, interval: float | None = None) -> l
         deployments.append(
             annotate.to_deployment(
                 name=NIGHTLY,
+                entrypoint_type=EntrypointType.MODULE_PATH,
                 parameters=nightly_parameters(settings),
                 tags=["fkd", "nightly"],
                 description="Annotate the images that arrived since the last run",
@@ -61,7 +63,9 @@ def build_deployments(settings: FkdSettings, interval: float | None = None) -> l
             )
         )
     for fl in (annotate, ingest, train, evaluate):
-        deployments.append(fl.to_deployment(name=ON_DEMAND, tags=["fkd", "on-demand"]))
+        deployments.append(
+            fl.to_deployment(name=ON_DEMAND, tags=["fkd", "on-demand"], entrypoint_type=EntrypointType.MODULE_PATH)
+        )
     return deployments
 
 
@@ -171,7 +175,7 @@ def stop(runner) -> None:  # pragma: no cover - exercised by the served-deployme
     from prefect.logging import get_logger
     from prefect.states import Scheduled
 
-    from flows._common import logging_handlers
+    from ._common import logging_handlers
 
     log = get_logger("fkd.serve")
     manager = runner._process_manager  # the runner's map of flow run id -> child process

@@ -22,10 +22,12 @@ from fkd_core.metrics import by_pose, summarise
 from fkd_core.parquet_io import write_table
 from fkd_core.plots import png_bytes
 from fkd_core.predict import Predictor
-from fkd_core.storage import check_bucket, check_exists, join_uri, read_under, write_bytes, write_json
-from flows._common import IO_RETRY, chunks, flat_parameters, markdown_table
-from flows.configs import EvaluateConfig
-from flows.ingest import read_csv
+from fkd_core.storage import join_uri, read_under, write_bytes, write_json
+
+from . import preflight
+from ._common import IO_RETRY, chunks, flat_parameters, markdown_table
+from .configs import EvaluateConfig
+from .ingest import read_csv
 
 
 @task(**IO_RETRY)
@@ -58,20 +60,11 @@ def trust_report(loaded, detector: str | None) -> dict:
     return (fitted or {}).get("report") or {}
 
 
-def preflight(cfg: EvaluateConfig):
-    """Refuse, naming it, a missing CSV, image location, output bucket, model or detector; returns the predictor."""
-    check_exists(cfg.csv, "CSV")
-    check_exists(cfg.images, "images", directory=True)
-    check_bucket(cfg.out, "output bucket")
-    # the same cached load the shards use: the CLI's check, the flow and every shard share one checkpoint load
-    return Predictor.from_checkpoint(cfg.model, detector=cfg.detector)
-
-
 @flow(name="evaluate")
 @flat_parameters(EvaluateConfig)
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Score a checkpoint end to end (Haar + NaimishNet) on labelled images: metrics.json, faces.parquet, worst.png."""
-    predictor = preflight(cfg)
+    predictor = preflight.evaluate(cfg)
     loaded, model_id = predictor.checkpoint, predictor.model_id
     log = get_run_logger()
     split_doc = (loaded.meta.get("data") or {}).get("split") or {}
@@ -126,8 +119,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     rows = [row] + [{"model": model_id, "split": row["split"], **p} for p in pose]
     create_table_artifact(key="evaluate-metrics", table=rows, description="fkd end-to-end metrics, by pose")
     log.info("metrics:\n%s", markdown_table(rows))
-    if predictor.trust is None:
-        log.warning("%s has no trust heads: no trust section and no risk_coverage.png", model_id)
+    if predictor.why_untrusted:
+        log.warning("%s: no trust section and no risk_coverage.png: %s", model_id, predictor.why_untrusted)
     if doc["trust"]:
         create_table_artifact(
             key="evaluate-trust", table=[doc["trust"]], description="how well quality sorts out the failures"

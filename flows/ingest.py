@@ -16,9 +16,11 @@ from fkd_core.examples import BoxMapping, LabelledRow, parse_keypoints_csv
 from fkd_core.geometry import CropPolicy
 from fkd_core.ingest import IngestShardConfig, ShardResult, ingest_misses, ingest_shard, read_rows
 from fkd_core.parquet_io import EXAMPLES_SCHEMA, write_table
-from fkd_core.storage import check_bucket, check_exists, join_uri, open_text, url_to_fs, write_json
-from flows._common import IO_RETRY, chunks, flat_parameters, markdown_table
-from flows.configs import IngestConfig
+from fkd_core.storage import join_uri, open_text, url_to_fs, write_json
+
+from . import preflight
+from ._common import IO_RETRY, chunks, flat_parameters, markdown_table
+from .configs import IngestConfig
 
 
 @task(**IO_RETRY)
@@ -64,18 +66,11 @@ def clear_output(uri: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def preflight(cfg: IngestConfig) -> None:
-    """Refuse, naming it, a CSV or image location or output bucket that does not exist."""
-    check_exists(cfg.csv, "CSV")
-    check_exists(cfg.images, "images", directory=True)
-    check_bucket(cfg.out, "output bucket")
-
-
 @flow(name="ingest", log_prints=False)
 @flat_parameters(IngestConfig)
 def ingest(cfg: IngestConfig) -> dict:
     """Turn a keypoints CSV and its images into `<out>/examples/part-*.parquet` and `<out>/ingest_report.json`."""
-    preflight(cfg)
+    preflight.ingest(cfg)
     log = get_run_logger()
     t0 = time.perf_counter()
     examples_uri = f"{cfg.out.rstrip('/')}/examples"

@@ -1,9 +1,10 @@
 """Progress of a running annotate flow, where operators look: a Prefect progress artifact and a terminal bar.
 
-Shard tasks report images as they are done (every 32, when the model has run on them) through a sink: a counter
-in this process for the local task runner, Dask worker events (``log_event`` / ``subscribe_topic``) for shards
-on a Dask cluster. The flow's main thread ticks the board about once a second, so both the artifact and the bar
-move every second or so, not once per shard.
+Shard tasks report images (and their faces) as they are done (every 32, when the model has run on them) through a
+sink: a counter in this process for the local task runner, Dask worker events (``log_event`` /
+``subscribe_topic``) for shards on a Dask cluster. The flow's main thread ticks the board about once a second, so
+both the artifact and the bar move every second or so, not once per shard; each shows images done of planned,
+images per second, faces so far and the time left.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import secrets
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 _COUNTERS: dict[str, _Counter] = {}
@@ -25,17 +27,19 @@ class ShardCancelled(Exception):
 class _Counter:
     def __init__(self) -> None:
         self.value = 0
+        self.faces = 0
         self.cancelled = False
         self._lock = threading.Lock()
 
-    def add(self, n: int) -> None:
+    def add(self, n: int, faces: int = 0) -> None:
         if self.cancelled:
             raise ShardCancelled("the run is stopping")
         with self._lock:
             self.value += n
+            self.faces += faces
 
 
-def progress_sink(key: str | None) -> Callable[[int], None] | None:
+def progress_sink(key: str | None) -> Callable[[int, int], None] | None:
     """Where a shard task reports images done: the flow's counter if it runs in the flow's process, else Dask."""
     if not key:
         return None
@@ -49,7 +53,7 @@ def progress_sink(key: str | None) -> Callable[[int], None] | None:
     except (ImportError, ValueError):
         return None
     # shards report every 32 images (the model's batch), so one event per report is cheap
-    return lambda n: worker.log_event(_TOPIC + key, n)
+    return lambda n, faces=0: worker.log_event(_TOPIC + key, (n, faces))
 
 
 class ProgressBoard:
@@ -63,8 +67,10 @@ class ProgressBoard:
         self.counter = _Counter()
         _COUNTERS[self.key] = self.counter
         self.finished = 0  # images of shards whose task has returned
+        self.finished_faces = 0
         self.shown = -1
         self.title = title
+        self.started = time.monotonic()
         self.artifact = create_progress_artifact(
             progress=0.0 if total else 100.0, key=artifact_key, description=f"{title}: images done of {total}"
         )
@@ -77,18 +83,32 @@ class ProgressBoard:
         """Also count the images that Dask workers report (shards on a cluster run in other processes)."""
         client = getattr(task_runner, "client", None)  # prefect-dask's DaskTaskRunner.client (made on first use)
         if client is not None:
-            client.subscribe_topic(_TOPIC + self.key, lambda event: self.counter.add(int(event[1])))
+            client.subscribe_topic(_TOPIC + self.key, lambda event: self.counter.add(*map(int, event[1])))
 
     def cancel(self) -> None:
         """Make shards still running in this process stop at their next image (their parts are not written)."""
         self.counter.cancelled = True
 
-    def shard_done(self, images: int) -> None:
+    def shard_done(self, images: int, faces: int = 0) -> None:
         self.finished += images
+        self.finished_faces += faces
 
     @property
     def done(self) -> int:
         return min(self.total, max(self.counter.value, self.finished))
+
+    @property
+    def faces(self) -> int:
+        return max(self.counter.faces, self.finished_faces)
+
+    def status(self) -> tuple[float, str]:
+        """Images per second so far, and a line saying where the run is: done of planned, rate, faces, time left."""
+        done = self.done
+        seconds = max(time.monotonic() - self.started, 1e-9)
+        rate = done / seconds
+        left = (self.total - done) / rate if rate > 0 else None
+        eta = f"{_duration(left)} left" if left is not None else "time left unknown"
+        return rate, f"{done} of {self.total} images, {rate:.1f} images/s, {self.faces} faces, {eta}"
 
     def tick(self) -> None:
         from prefect.artifacts import update_progress_artifact
@@ -97,9 +117,11 @@ class ProgressBoard:
         if done == self.shown:
             return
         self.shown = done
-        update_progress_artifact(self.artifact, progress=100.0 * done / self.total if self.total else 100.0)
+        rate, line = self.status()
+        progress = 100.0 * done / self.total if self.total else 100.0
+        update_progress_artifact(self.artifact, progress=progress, description=f"{self.title}: {line}")
         if self._bar is not None:
-            self._bar.update(self._bar_task, completed=done)
+            self._bar.update(self._bar_task, completed=done, rate=f"{rate:.1f}", faces=self.faces)
 
     def close(self) -> None:
         try:
@@ -120,23 +142,22 @@ class ProgressBoard:
             TextColumn(self.title),
             BarColumn(),
             MofNCompleteColumn(),
+            TextColumn("images, {task.fields[rate]} images/s, {task.fields[faces]} faces, ETA"),
             TimeRemainingColumn(),
             console=Console(file=sys.stderr),
             refresh_per_second=4,
         )
-        self._bar_task = self._bar.add_task("images", total=self.total)
+        self._bar_task = self._bar.add_task("images", total=self.total, rate="0.0", faces=0)
         # Prefect's console log handlers print through rich consoles of their own; while the bar is live they
         # print through the bar's, which draws each log line above the bar instead of through it.
+        from ._common import console_handlers
+
         for handler in console_handlers():
             self._handlers.append((handler, handler.console))
             handler.console = self._bar.console
         self._bar.start()
 
 
-def console_handlers() -> list[logging.Handler]:
-    """Prefect's console log handlers (each prints through a rich console of its own)."""
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    from flows._common import logging_handlers
-
-    return logging_handlers(PrefectConsoleHandler)
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"

@@ -103,7 +103,7 @@ def toml_file() -> str | None:
 
 def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
     """A warning for each ``FKD_*`` variable that is no setting (a typo is otherwise silently ignored)."""
-    from flows.configs import command_variables
+    from .configs import command_variables
 
     known = {f"FKD_{name.upper()}" for name in FkdSettings.model_fields} | _OTHER_VARIABLES | command_variables()
     warnings = []

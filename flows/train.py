@@ -21,9 +21,11 @@ from fkd_core.metrics import nme_per_face
 from fkd_core.netspec import NaimishNetConfig
 from fkd_core.parquet_io import dataset, read_examples
 from fkd_core.plots import loss_curve_png
-from fkd_core.storage import check_bucket, check_exists, read_json, write_bytes
-from flows._common import flat_parameters
-from flows.configs import TrainConfig
+from fkd_core.storage import read_json, write_bytes
+
+from . import preflight
+from ._common import flat_parameters
+from .configs import TrainConfig
 
 if TYPE_CHECKING:  # fkd_core.train needs torch (the train extra); fkd serve imports this module without it
     from fkd_core.train import History
@@ -107,34 +109,11 @@ def checkpoint_record(cfg: TrainConfig, fingerprint: dict, inner: float, history
     }
 
 
-def preflight(cfg: TrainConfig) -> None:
-    """Refuse, naming it, what cannot work: no GPU, missing examples, a missing output bucket or start checkpoint.
-
-    No name can clash with a served model: the checkpoint is named by its weights' sha256 (``save_new_checkpoint``).
-    """
-    try:
-        import onnx  # noqa: F401 - each stage's graph is exported beside the checkpoint
-        import torch
-    except ImportError:
-        raise UserError(
-            "training needs torch and onnx, which this install of fkd lacks: pip install 'fkd[train]' (annotate "
-            "and evaluate need neither)"
-        ) from None
-
-    if cfg.device != "cpu" and not torch.cuda.is_available():
-        raise UserError(f"device: {cfg.device!r} asked for, but torch sees no CUDA GPU on this machine")
-    check_exists(cfg.examples, "examples", directory=True)
-    check_bucket(cfg.out_dir, "output bucket")
-    for what, uri in (("init", cfg.init), ("refine_of", cfg.refine_of)):
-        if uri:
-            check_exists(uri, what)
-
-
 @flow(name="train")
 @flat_parameters(TrainConfig)
 def train(cfg: TrainConfig) -> dict:
     """Train, early-stop on validation NME, and save the best checkpoint (float16 if it loses nothing)."""
-    preflight(cfg)
+    preflight.train(cfg)
     import torch
 
     from fkd_core.train import EpochStats, fit, pack_trained, predict_canonical, start_model

@@ -14,7 +14,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 
 def _load(model: str, refine: bool, detector: str | None) -> str:
-    from flows.annotate import predictor_of  # the shard task's module: imported now, not at the first shard
+    from . import annotate  # noqa: F401 - the shard task's module: imported now, not when the first shard arrives
+    from .preflight import predictor_of
 
     return predictor_of(model, refine, detector).model_id
 

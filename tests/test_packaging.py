@@ -49,6 +49,9 @@ def test_the_wheel_annotates_outside_the_checkout(tmp_path):
     )
     model, cascades = map(Path, where.stdout.split())
     assert model.is_file() and model.is_relative_to(site) and cascades.is_relative_to(site)
+    # fkd's flows install as fkd_flows: a user's own Prefect project may have a `flows` package of its own
+    names = sorted(p.name for p in site.iterdir() if (p / "__init__.py").is_file())
+    assert names == ["fkd_core", "fkd_flows"], names
     photos = ROOT / "data" / "sample" / "photos"
     run = subprocess.run(
         [str(venv / "bin" / "fkd"), "annotate", str(photos), str(work / "out")],

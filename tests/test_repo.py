@@ -108,7 +108,7 @@ def test_dockerfile_runs_as_a_user_that_writes_only_to_its_data_volume():
     assert max(i for i, (k, a) in enumerate(ins) if k == "COPY" or "pip install" in a) < user
     # the smoke check loads the checkpoint as the runtime user
     smoke = _index(ins, "RUN", lambda a: "fkd_core.load_checkpoint().graphs" in a)
-    assert smoke > user and "import fkd_core, flows.annotate" in ins[smoke][1]
+    assert smoke > user and "import fkd_core, fkd_flows.annotate" in ins[smoke][1]
     assert "find_spec('torch') is None" in ins[smoke][1], "the smoke check proves the image has no torch"
     # outputs (relative paths too), trained models and Prefect's home go to the volume, which the user owns
     volume = json.loads(ins[_index(ins, "VOLUME")][1])
@@ -325,7 +325,7 @@ def test_compose_wires_the_worker_to_the_server_and_the_store():
 
 
 def test_compose_worker_keeps_outputs_on_a_volume_and_stops_gracefully():
-    from flows.deploy import STOP_GRACE_SECONDS
+    from fkd_flows.deploy import STOP_GRACE_SECONDS
 
     doc = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
     worker = doc["services"]["worker"]
@@ -344,7 +344,7 @@ def test_prefect_yaml_needs_no_checkout_and_never_shares_a_served_name():
     import importlib
     import inspect
 
-    from flows.deploy import NIGHTLY, ON_DEMAND
+    from fkd_flows.deploy import NIGHTLY, ON_DEMAND
 
     doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     assert doc["pull"] == []
@@ -375,12 +375,15 @@ def test_readme_front_door_commands_match_ci():
     assert setup.strip() in ci and tests.strip() in ci
 
 
-def test_model_card_names_the_shipped_checkpoint():
-    """The model card's metrics are for the checkpoint that ships: its heading must name that model id."""
+def test_model_card_and_readme_name_the_shipped_checkpoint():
+    """The model card's and the README's metrics are for the checkpoint that ships: both must name its model id."""
     from fkd_core.checkpoint import load_checkpoint
 
+    shipped = load_checkpoint().model_id
     heading = re.search(r"### Shipped checkpoint: `([^`]+)`", (ROOT / "docs" / "model-card.md").read_text())
-    assert heading is not None and heading.group(1) == load_checkpoint().model_id
+    assert heading is not None and heading.group(1) == shipped
+    named = re.search(r"The shipped `([^`]+)`", (ROOT / "README.md").read_text())
+    assert named is not None and named.group(1) == shipped
 
 
 def _relative_links(text: str) -> list[str]:
@@ -409,7 +412,7 @@ def test_readme_is_the_front_door():
 def test_readme_downstream_queries_run_on_real_output(tmp_path, sample_dir):
     """Every ```python block of the README's "Querying the output" section runs against a real annotate output."""
     from fkd_core.checkpoint import DEFAULT_MODEL
-    from flows.annotate import annotate
+    from fkd_flows.annotate import annotate
 
     out = tmp_path / "out"
     # all-digit run ids: readers that type partitions by their look would make run_id a number

@@ -74,7 +74,7 @@ def test_predict_finds_faces_with_the_checkpoints_detector_settings(tmp_path, sa
     assert len(faces) == 2 and all(f.keypoints.shape == (68, 2) for f in faces)
 
 
-def test_first_stage_only_is_named_apart(tmp_path):
+def test_first_stage_only_is_named_apart(tmp_path, model_path):
     from fkd_core.align import AlignPolicy
 
     path = str(tmp_path / "two.safetensors")
@@ -90,3 +90,10 @@ def test_first_stage_only_is_named_apart(tmp_path):
     both, first = Predictor.from_checkpoint(path), Predictor.from_checkpoint(path, refine=False)
     assert both.refines and not first.refines
     assert both.model_id == mid and first.model_id == mid + "+first-stage"
+    # why neither has trust columns, in words that name the cause the user can act on
+    assert "no trust heads" in both.why_untrusted and "--no-refine" in first.why_untrusted
+    one = str(tmp_path / "one.safetensors")
+    save_checkpoint(NaimishNet(), one, policy=CropPolicy(), detector=DetectorConfig(), meta={})
+    why = Predictor.from_checkpoint(one).why_untrusted
+    assert "no refining stage" in why and "--refine-of" in why and "--no-refine" not in why
+    assert Predictor.from_checkpoint(model_path).why_untrusted is None  # the shipped model has its heads

@@ -153,6 +153,12 @@ def test_loss_plot_names_the_averaged_curves_and_counts_whole_epochs():
     assert ticks and all(float(t).is_integer() for t in ticks)
     plain = loss_curve_figure([1, 2], [0.3, 0.2], [0.4, 0.3])
     assert [t.get_text() for t in plain.axes[0].get_legend().get_texts()] == ["train MSE", "validation MSE"]
+    # the legend sits outside the plotting area, over no curve, and inside the picture
+    for f in (fig, plain):
+        f.canvas.draw()
+        (legend,) = [ax.get_legend() for ax in f.axes if ax.get_legend()]
+        box, area = legend.get_window_extent(), f.axes[0].get_window_extent()
+        assert not box.overlaps(area) and box.y0 >= 0, (box, area)
 
 
 def test_a_run_starts_from_the_weights_its_recipe_names():

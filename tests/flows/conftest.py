@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -173,9 +174,15 @@ _PG_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}  # no PG* variables from the 
 _AS_POSTGRES = {"user": "postgres", "group": "postgres", "extra_groups": [], "env": _PG_ENV}
 
 
-def _as_postgres(cmd: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run a PostgreSQL tool as the ``postgres`` user (initdb, pg_ctl and postgres refuse to run as root)."""
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, **_AS_POSTGRES)
+def _as_postgres(
+    cmd: list[str], cwd: Path, timeout: float = 120, password: str | None = None
+) -> subprocess.CompletedProcess:
+    """Run a PostgreSQL tool as the ``postgres`` user (initdb, pg_ctl and postgres refuse to run as root),
+    with ``password`` as PGPASSWORD for the client tools."""
+    kw = dict(_AS_POSTGRES)
+    if password is not None:
+        kw["env"] = {**_PG_ENV, "PGPASSWORD": password}
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -198,8 +205,9 @@ def _children(pid: int) -> list[int]:
 
 @pytest.fixture(scope="session")
 def postgres_url():
-    """A throwaway PostgreSQL 15 cluster on 127.0.0.1 (trust auth, sockets in its own temp dir) with a
-    ``prefect`` database; yields its SQLAlchemy URL for Prefect. Stopped by PID and removed at teardown.
+    """A throwaway PostgreSQL 15 cluster on 127.0.0.1 (password auth, SCRAM, as docs/operations.md sets one up;
+    sockets in its own temp dir) with a ``prefect`` database; yields its SQLAlchemy URL for Prefect, password
+    included. Stopped by PID and removed at teardown.
 
     The postmaster is started directly (not by ``pg_ctl start``, which detaches it) so that it is our child:
     we reap it, and ``stop`` can kill its whole process group, backends included."""
@@ -214,14 +222,20 @@ def postgres_url():
     base = Path(tempfile.mkdtemp(prefix="fkd-pg-"))
     shutil.chown(base, "postgres", "postgres")
     data = base / "data"
+    password = secrets.token_hex(12)
+    pwfile = base / "password"
+    pwfile.write_text(password + "\n")
+    shutil.chown(pwfile, "postgres", "postgres")
+    pwfile.chmod(0o600)
     proc = None
     pid = None
     try:
         out = _as_postgres(
-            [str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
-            + ["--locale=C", "--no-sync"],
+            [str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=scram-sha-256"]
+            + [f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C", "--no-sync"],
             cwd=base,
         )
+        pwfile.unlink()
         assert out.returncode == 0, f"initdb failed:\n{out.stdout}\n{out.stderr}"
         with open(base / "postgres.log", "w") as log:
             proc = subprocess.Popen(
@@ -248,9 +262,10 @@ def postgres_url():
             time.sleep(0.2)
         pid = int((data / "postmaster.pid").read_text().split()[0])
         assert pid == proc.pid
-        out = _as_postgres([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "prefect"], cwd=base)
+        createdb = [str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "prefect"]
+        out = _as_postgres(createdb, cwd=base, password=password)
         assert out.returncode == 0, f"createdb failed:\n{out.stdout}\n{out.stderr}"
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
+        yield f"postgresql+asyncpg://postgres:{password}@127.0.0.1:{port}/prefect"
     finally:
         if proc is not None:
             if proc.poll() is None:

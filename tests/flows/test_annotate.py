@@ -2,6 +2,7 @@ import csv
 import datetime as dt
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -13,7 +14,7 @@ import pytest
 
 from fkd_core.errors import RunConflict
 from fkd_core.parquet_io import FACES_SCHEMA, IMAGES_SCHEMA, dataset, keypoints_from_column, output_tables
-from flows.annotate import annotate
+from fkd_flows.annotate import annotate
 from tests.flows.conftest import BIN, stop
 
 pytestmark = pytest.mark.flows
@@ -220,6 +221,12 @@ def test_cli_query_and_show(tmp_path, sample_dir, model_path):
         np.abs(drawn.astype(int) - cv2.cvtColor(cv2.cvtColor(orig, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)).sum(axis=2)
         > 60
     ).sum() > 500  # keypoints and boxes were drawn
+    # a large photo is drawn at most 2,048 px long unless asked otherwise (3,648 x 2,406 here)
+    for args, side in (([], 2048), (["--max-side", "0"], 3648)):
+        big = tmp_path / f"beatles{side}.png"
+        cmd = [str(BIN / "fkd"), "show", str(out), "the_beatles.jpg", "--png", str(big), *args]
+        assert "4 face(s)" in subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        assert max(cv2.imread(str(big)).shape[:2]) == side
     bad = subprocess.run(
         [str(BIN / "fkd"), "query", str(tmp_path / "nothing"), "select 1"], capture_output=True, text=True
     )
@@ -262,6 +269,10 @@ def test_runs_with_nothing_to_do_complete_with_zero_counts(tmp_path, sample_dir,
     zero = {"images": 0, "ok": 0, "no_face": 0, "error": 0, "faces": 0}
     doc = annotate(source=str(empty), out=str(out), model=model_path, run_id="e")
     assert doc["status"] == "completed" and doc["counts"] == zero and doc["images_planned"] == 0
+    # a source that lists nothing is most likely a typo: said in the record (and the log and summary)
+    (warning,) = doc["warnings"]
+    assert warning.startswith(f"source {empty} lists nothing: check the path or prefix")
+    assert json.loads((out / "runs" / "e.json").read_text())["warnings"] == [warning]
     assert json.loads((out / "runs" / "e.json").read_text())["status"] == "completed"
     assert {n: t.to_table().num_rows for n, t in output_tables(str(out)).items()} == {"images": 0, "faces": 0}
     src = tmp_path / "src"
@@ -272,6 +283,7 @@ def test_runs_with_nothing_to_do_complete_with_zero_counts(tmp_path, sample_dir,
     assert first["counts"]["images"] == 3
     quiet = annotate(source=str(src), out=str(out), model=model_path, run_id="n2", incremental=True)
     assert (quiet["status"], quiet["counts"], quiet["skipped_existing"]) == ("completed", zero, 3)
+    assert "warnings" not in first and "warnings" not in quiet  # a quiet night lists its images: no warning
     from fkd_core.runs import list_runs
 
     assert [(r["run_id"], r["status"]) for r in list_runs(str(out))] == [
@@ -317,7 +329,7 @@ def test_progress_artifact_moves_within_a_shard(tmp_path, sample_dir, model_path
             doc=annotate(source=str(src), out=str(tmp_path / "out"), model=model_path, shard_size=1000, run_id="p")
         )
     )
-    seen = []
+    seen, said = [], []
     key = ArtifactFilter(key={"any_": ["annotate-progress"]})
     with get_client(sync_client=True) as client:
         before = {a.id for a in client.read_artifacts(artifact_filter=key)}
@@ -327,6 +339,7 @@ def test_progress_artifact_moves_within_a_shard(tmp_path, sample_dir, model_path
             mine = [a for a in arts if a.id not in before]
             if mine and (not seen or mine[0].data != seen[-1]):
                 seen.append(mine[0].data)
+                said.append(mine[0].description)
             if not worker.is_alive() and seen and seen[-1] != 100.0:
                 break
             time.sleep(0.1)
@@ -335,6 +348,11 @@ def test_progress_artifact_moves_within_a_shard(tmp_path, sample_dir, model_path
     inside = [v for v in seen if 0 < v < 100]
     assert len(inside) >= 3, seen  # several updates while the only shard ran
     assert inside == sorted(inside) and seen[-1] == 100.0
+    # the artifact says where the run is in words too: images done, rate, faces so far and time left
+    line = re.compile(r"annotate p: (\d+) of 480 images, ([\d.]+) images/s, (\d+) faces, (\d+:\d\d:\d\d left)")
+    said = [m for d in said[1:] for m in [line.fullmatch(d or "")] if m]
+    assert said and said[-1].group(1) == "480" and int(said[-1].group(3)) == result["doc"]["counts"]["faces"]
+    assert all(float(m.group(2)) > 0 for m in said)
 
 
 def test_terminal_bar_moves_and_log_lines_do_not_tear_it(tmp_path, sample_dir, model_path):
@@ -372,6 +390,11 @@ def test_terminal_bar_moves_and_log_lines_do_not_tear_it(tmp_path, sample_dir, m
     lines = [seg for line in re.split(r"[\r\n]", text) for seg in [line.strip()] if seg]
     counts = {int(m.group(1)) for line in lines for m in [re.search(r"(\d+)/480", line)] if m}
     assert len({c for c in counts if 0 < c < 480}) >= 4, counts  # the bar moved, within and across shards
+    # it says how fast, how many faces so far and how long is left, each labelled
+    bar = re.compile(r"(\d+)/480 images, ([\d.]+) images/s, (\d+) faces, ETA (-:--:--|\d+:\d\d:\d\d)")
+    shown = [m for line in lines for m in [bar.search(line)] if m]
+    assert shown, lines[-5:]
+    assert max(float(m.group(2)) for m in shown) > 0 and max(int(m.group(3)) for m in shown) >= int(shown[-1].group(1))
     shard_logs = [line for line in lines if "shard done" in line]
     assert len(shard_logs) == 3
     for line in shard_logs:
@@ -434,3 +457,22 @@ def test_the_yunet_path_end_to_end_and_never_mixed_with_haar_rows(tmp_path, corr
         assert x <= kp.mean(axis=0)[0] <= x + w and y <= kp.mean(axis=0)[1] <= y + h, uri
     with pytest.raises(RunConflict, match="was started with model .*\\+yunet-"):
         annotate(source=str(corrupt_dir), out=str(out), model=model_path, run_id="y", detector="haar")
+
+
+def test_cli_run_ids_are_a_utc_start_and_eight_hex_digits_as_documented():
+    """The design doc's run id format (what `fkd runs` lists and `--run-id` resumes); ids made in the same
+    second differ."""
+    from fkd_flows.annotate import new_run_id
+
+    before = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    ids = [new_run_id() for _ in range(100)]
+    after = dt.datetime.now(dt.UTC)
+    assert len(set(ids)) == len(ids)
+    for run_id in ids:
+        assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{8}", run_id), run_id
+        started = dt.datetime.strptime(run_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
+        assert before <= started <= after
+    documented = re.search(
+        r"Run ids default to .*?\(`([^`]+)`\)", (Path(__file__).parents[2] / "docs" / "design.md").read_text()
+    )
+    assert documented and re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{8}", documented.group(1))

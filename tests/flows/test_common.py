@@ -1,4 +1,4 @@
-from flows._common import chunks, markdown_table
+from fkd_flows._common import chunks, markdown_table
 
 
 def test_chunks_and_markdown_table():
@@ -13,7 +13,7 @@ def test_io_tasks_retry_what_can_heal_and_fail_at_once_on_what_cannot():
     from prefect import flow, task
     from prefect.context import get_run_context
 
-    from flows._common import IO_RETRY
+    from fkd_flows._common import IO_RETRY
 
     attempts = {"flaky": 0, "missing": 0}
 

@@ -204,6 +204,17 @@ def test_nightly_runs_on_quiet_nights_wait_in_prefect_and_on_demand_runs_as_docu
         (record,) = list_runs(str(demand_out))
         assert record["status"] == "completed" and record["counts"]["faces"] == 7
         assert record["run_id"].endswith(run.replace("-", "")[-8:])  # the fkd run id follows the flow run
+
+        # a run given a path that does not exist fails with that one line, in its state and in the serve log,
+        # without a traceback in the log
+        missing = tmp_path / "no-such-folder"
+        before = len(serve.log.read_text())
+        run = run_readme_command("annotate", env, {"source": str(missing), "out": str(demand_out)}, tmp_path)
+        state = wait_state(server, run, {"FAILED"}, 180, serve)["state"]
+        assert f"source {missing} does not exist" in state["message"]
+        logged = wait_for("the failed run's log line", lambda: (t := serve.log.read_text()[before:]) and
+                          f"source {missing} does not exist" in t and t, 30)  # fmt: skip
+        assert "Traceback" not in logged and "raise SourceNotFound" not in logged, logged[-3000:]
     finally:
         stop(serve.proc)
     assert serve.proc.poll() is not None
@@ -280,13 +291,13 @@ def _check_pool_deployments(server) -> None:
     """What ``prefect deploy --all`` made of prefect.yaml and the fkd settings."""
     with api_client(server) as c:
         deps = {(d["entrypoint"], d["name"]): d for d in c.post("/deployments/filter", json={}).json()}
-    nightly = deps[("flows.annotate:annotate", "nightly-incremental-pool")]
+    nightly = deps[("fkd_flows.annotate:annotate", "nightly-incremental-pool")]
     assert nightly["parameters"] == {"source": "s3://images/incoming", "out": "s3://keypoints/out", "incremental": True}
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["30 3 * * *"]
     assert nightly["pull_steps"] == [] and nightly["work_pool_name"] == "fkd-cpu"
     assert nightly["global_concurrency_limit"]["limit"] == 1
     for flow in ("annotate", "ingest", "train", "evaluate"):
-        assert deps[(f"flows.{flow}:{flow}", "on-demand-pool")]["work_pool_name"] == "fkd-cpu"
+        assert deps[(f"fkd_flows.{flow}:{flow}", "on-demand-pool")]["work_pool_name"] == "fkd-cpu"
 
 
 def _run_on_the_pool(server, env: dict, work: Path, tmp_path: Path, sample_dir: Path, model_path: str) -> None:
@@ -348,7 +359,7 @@ def test_prefect_yaml_deploys_from_fkd_settings_and_a_worker_runs_it_without_a_c
     taken = _prefect(
         "--no-prompt",
         "deploy",
-        "flows.annotate:annotate",
+        "fkd_flows.annotate:annotate",
         "--name",
         "on-demand",
         "--pool",

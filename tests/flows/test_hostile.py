@@ -21,7 +21,7 @@ from PIL import Image
 from fkd_core.errors import RunConflict
 from fkd_core.lease import Lease, default_holder
 from fkd_core.parquet_io import IMAGES_SCHEMA, output_tables
-from flows.annotate import annotate
+from fkd_flows.annotate import annotate
 from tests.flows.conftest import BIN, SECRET
 
 pytestmark = pytest.mark.flows

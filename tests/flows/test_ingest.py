@@ -5,7 +5,7 @@ import pyarrow.compute as pc
 import pytest
 
 from fkd_core.parquet_io import EXAMPLES_SCHEMA, dataset, read_examples
-from flows.ingest import IngestConfig, ingest
+from fkd_flows.ingest import IngestConfig, ingest
 
 pytestmark = pytest.mark.flows
 

@@ -8,8 +8,8 @@ import pytest
 
 from fkd_core.image_io import list_images
 from fkd_core.parquet_io import output_tables
-from flows.annotate import annotate
-from flows.ingest import ingest
+from fkd_flows.annotate import annotate
+from fkd_flows.ingest import ingest
 from tests.flows.test_annotate import faces_by_image
 
 pytestmark = pytest.mark.flows
@@ -109,12 +109,12 @@ def test_ingest_reads_csv_and_images_from_a_bucket(tmp_path, s3fs_clean, sample_
 
 @pytest.mark.dask
 def test_annotate_on_dask_equals_the_local_run(tmp_path, dask_cluster, sample_dir, model_path, monkeypatch):
-    import flows.progress
+    import fkd_flows.progress
 
     reported = []  # images the board had counted from workers' events, at each tick
-    tick = flows.progress.ProgressBoard.tick
+    tick = fkd_flows.progress.ProgressBoard.tick
     monkeypatch.setattr(
-        flows.progress.ProgressBoard, "tick", lambda self: (reported.append(self.counter.value), tick(self))[1]
+        fkd_flows.progress.ProgressBoard, "tick", lambda self: (reported.append(self.counter.value), tick(self))[1]
     )
     src = str(sample_dir / "images")
     doc = annotate(
@@ -142,7 +142,7 @@ def test_annotate_on_dask_equals_the_local_run(tmp_path, dask_cluster, sample_di
     # every worker built the model once, when the run registered it, before its first shard came
     from distributed import Client
 
-    from flows.annotate import shard_threads
+    from fkd_flows.annotate import shard_threads
 
     with Client(dask_cluster) as c:
         built = c.run(lambda: __import__("fkd_core.predict").predict._cached.cache_info())
@@ -196,6 +196,10 @@ def test_buckets_are_never_created_and_an_empty_prefix_is_a_run_with_nothing_to_
     # an empty prefix in an existing bucket: object stores have no directories, so nothing to do is not an error
     doc = annotate(source="s3://fkd-src/nothing-yet", out="s3://fkd-src/out", model=model_path, run_id="quiet")
     assert doc["status"] == "completed" and doc["counts"]["images"] == 0
+    # but a prefix that lists nothing (a mistyped s3://images/incomin) says so instead of "succeeding" quietly
+    assert doc["warnings"] == [
+        "source s3://fkd-src/nothing-yet lists nothing: check the path or prefix; this run annotates nothing"
+    ]
     s3fs_clean.invalidate_cache()
     assert json.loads(s3fs_clean.cat_file("fkd-src/out/runs/quiet.json"))["status"] == "completed"
     assert "nobucket" not in s3fs_clean.ls("")
@@ -206,3 +210,51 @@ def test_buckets_are_never_created_and_an_empty_prefix_is_a_run_with_nothing_to_
         write_json({"a": 1}, "s3://nobucket2/out/runs/x.json")
     s3fs_clean.invalidate_cache()
     assert not s3fs_clean.exists("nobucket2")
+
+
+@pytest.mark.s3
+def test_the_operations_guide_s3_compatible_store_example_runs_as_written(tmp_path, s3fs_clean, sample_dir):
+    """docs/operations.md's block for S3-compatible stores, run line for line against the moto server: its
+    `export`s name exactly the variables the moto fixture sets (to moto's values), the rest runs in bash."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.flows.conftest import BIN
+
+    text = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
+    section = text.split("## Object stores", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    exports = [line for line in block.splitlines() if line.startswith("export ")]
+    exported = {m.group(1) for line in exports for m in re.finditer(r"(\w+)=", line.split("#")[0])}
+    assert exported == {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"}
+    commands = [line for line in block.splitlines() if line.strip() and not line.startswith("export ")]
+    assert commands and all(line.startswith("fkd ") for line in commands)
+
+    s3fs_clean.mkdir("images")  # the operator's buckets: fkd never makes them
+    s3fs_clean.mkdir("keypoints")
+    photos = sorted(p.name for p in (sample_dir / "photos").iterdir())
+    for name in photos:
+        s3fs_clean.put_file(str(sample_dir / "photos" / name), f"images/incoming/{name}")
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    out = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", "\n".join(commands)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(rf"\bok\b.*\b{len(photos)}\b", out.stdout), out.stdout
+    s3fs_clean.invalidate_cache()
+    images = output_tables("s3://keypoints/out")["images"].to_table()
+    assert sorted(u.rsplit("/", 1)[1] for u in images.column("image_uri").to_pylist()) == photos
+    assert set(images.column("status").to_pylist()) == {"ok"}

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from flows.settings import FkdSettings, SettingsError, load_settings, unknown_variables
+from fkd_flows.settings import FkdSettings, SettingsError, load_settings, unknown_variables
 from tests.flows.conftest import BIN
 
 
@@ -130,7 +130,7 @@ def test_prefect_telemetry_is_off_unless_the_user_turns_it_on(user_value, expect
     env = {k: v for k, v in os.environ.items() if k not in ("DO_NOT_TRACK", "PREFECT_SERVER_ANALYTICS_ENABLED")}
     if user_value is not None:
         env["DO_NOT_TRACK"] = user_value
-    code = "import os, flows.cli; print(os.environ['DO_NOT_TRACK'], os.environ['PREFECT_SERVER_ANALYTICS_ENABLED'])"
+    code = "import os, fkd_flows.cli; print(os.environ['DO_NOT_TRACK'], os.environ['PREFECT_SERVER_ANALYTICS_ENABLED'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert tuple(out.stdout.split()) == expected
 
@@ -166,7 +166,7 @@ def test_cli_waits_long_enough_for_the_ephemeral_prefect_server(user_value, expe
     if user_value is not None:
         env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = user_value
     code = (
-        "import flows.cli\n"
+        "import fkd_flows.cli\n"
         "from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as s\n"
         "print(s.value())"
     )
@@ -181,11 +181,11 @@ def test_every_config_field_is_a_cli_parameter_with_its_default_and_variable(com
     import typer.main
     from pydantic_core import PydanticUndefined
 
-    import flows.cli
-    from flows.configs import COMMANDS, HIDDEN, SETTINGS_BACKED, env_var
+    import fkd_flows.cli
+    from fkd_flows.configs import COMMANDS, HIDDEN, SETTINGS_BACKED, env_var
 
     cls, arguments = COMMANDS[command]
-    params = {p.name: p for p in typer.main.get_command(flows.cli.app).commands[command].params}
+    params = {p.name: p for p in typer.main.get_command(fkd_flows.cli.app).commands[command].params}
     assert set(params) == set(cls.model_fields) - set(HIDDEN.get(command, ()))
     for name, f in cls.model_fields.items():
         if name in arguments or name in HIDDEN.get(command, ()):
@@ -201,7 +201,7 @@ def test_every_config_field_is_a_cli_parameter_with_its_default_and_variable(com
 def test_train_config_refuses_an_unknown_device_naming_the_field():
     from pydantic import ValidationError
 
-    from flows.train import TrainConfig
+    from fkd_flows.train import TrainConfig
 
     with pytest.raises(ValidationError, match=r"device\n.*String should match pattern"):
         TrainConfig(examples="x", device="gpu")
@@ -221,10 +221,10 @@ def test_cli_refuses_a_gpu_where_torch_sees_none(tmp_path):
 @pytest.mark.parametrize(
     "flow,config",
     [
-        ("flows.annotate:annotate", "AnnotateConfig"),
-        ("flows.ingest:ingest", "IngestConfig"),
-        ("flows.train:train", "TrainConfig"),
-        ("flows.evaluate:evaluate", "EvaluateConfig"),
+        ("fkd_flows.annotate:annotate", "AnnotateConfig"),
+        ("fkd_flows.ingest:ingest", "IngestConfig"),
+        ("fkd_flows.train:train", "TrainConfig"),
+        ("fkd_flows.evaluate:evaluate", "EvaluateConfig"),
     ],
 )
 def test_flows_take_their_config_fields_as_flat_parameters(flow, config):
@@ -249,7 +249,7 @@ def test_flows_take_their_config_fields_as_flat_parameters(flow, config):
 def test_fkd_detector_picks_the_detector_of_every_run_that_names_none(monkeypatch):
     """A Python call or a served deployment run (configs built where the flow runs) uses FKD_DETECTOR, as the CLI
     does; a run that names its detector keeps it; a bad value names the variable."""
-    from flows.configs import AnnotateConfig, EvaluateConfig
+    from fkd_flows.configs import AnnotateConfig, EvaluateConfig
 
     assert AnnotateConfig(source="s", out="o").detector is None  # the model's own
     monkeypatch.setenv("FKD_DETECTOR", "yunet")

@@ -16,9 +16,9 @@ from fkd_core.errors import UserError
 from fkd_core.geometry import CropPolicy
 from fkd_core.model import NaimishNet
 from fkd_core.parquet_io import read_examples
-from flows.evaluate import evaluate
-from flows.ingest import ingest
-from flows.train import train
+from fkd_flows.evaluate import evaluate
+from fkd_flows.ingest import ingest
+from fkd_flows.train import train
 
 pytestmark = pytest.mark.flows
 
@@ -188,11 +188,50 @@ def test_the_flow_and_the_cli_train_with_the_librarys_recipe():
     from typer.testing import CliRunner
 
     from fkd_core.train import FitConfig
-    from flows.cli import app
-    from flows.train import TrainConfig
+    from fkd_flows.cli import app
+    from fkd_flows.train import TrainConfig
 
     assert TrainConfig(examples="x").params() == FitConfig()
     help_text = CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output
     for option, value in (("--epochs", FitConfig().epochs), ("--ema-decay", FitConfig().ema_decay)):
         block = help_text.split(option + " ", 1)[1].split("--", 1)[0]  # the option's own help
         assert f"default: {value}" in block and f"FKD_TRAIN_{option[2:].upper().replace('-', '_')}" in block, block
+
+
+def test_the_readmes_retrain_and_promote_commands_run_as_written(tmp_path):
+    """README "Retrain and promote": ingest, a first-try train, evaluate the new checkpoint, promote it with
+    FKD_MODEL; run line for line in a fresh working directory (`<hash>` filled in with what train wrote)."""
+    import os
+    import re
+    import subprocess
+
+    from prefect.settings import PREFECT_API_URL
+
+    from fkd_core.parquet_io import output_tables
+    from tests.flows.conftest import BIN
+
+    root = Path(__file__).parents[2]
+    section = (root / "README.md").read_text().split("## Retrain and promote", 1)[1].split("\n## ", 1)[0]
+    lines = [ln for ln in re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1).splitlines() if ln.strip()]
+    assert [ln.split()[0] for ln in lines] == [".venv/bin/fkd"] * 3 + ["export"]
+    (tmp_path / "data").symlink_to(root / "data")  # the commands' relative paths, from a fresh directory
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env.pop("FKD_MODEL", None)
+
+    def bash(script: str) -> str:
+        out = subprocess.run(["bash", "-euo", "pipefail", "-c", script.replace(".venv/bin/", f"{BIN}/")],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        return out.stdout
+
+    bash("\n".join(lines[:2]))
+    (weights,) = (tmp_path / "models").glob("retrained-*.safetensors")
+    assert load_checkpoint(weights).meta["train"]["epochs_run"] <= 5  # "a first try", not the full recipe
+    digest = weights.stem.split("-", 1)[1]
+    rest = [ln.replace("<hash>", digest) for ln in lines[2:]]
+    bash(rest[0])
+    assert json.loads((tmp_path / "out" / "eval" / "metrics.json").read_text())["model_id"] == weights.stem
+    # promoted: what annotate serves from now on (the export, then a run in the same shell)
+    bash(rest[1] + "\n.venv/bin/fkd annotate data/sample/photos out/promoted")
+    faces = output_tables(str(tmp_path / "out" / "promoted"))["faces"].to_table()
+    assert faces.num_rows > 0 and set(faces.column("model_id").to_pylist()) == {weights.stem}
