@@ -56,6 +56,9 @@ def parse_keypoints_csv(lines: Iterable[str], source: str = "csv") -> Iterator[L
         if not name:
             yield RowError(f"{source} row {n}: empty image name")
             continue
+        if name.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", name):
+            yield RowError(f"{source} row {n}: image name {name!r} leads out of the images directory")
+            continue
         try:
             values = np.array([float(c) for c in row[1:]], dtype=np.float64)
         except ValueError:

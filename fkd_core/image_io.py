@@ -65,10 +65,11 @@ def sniff_image(head: bytes) -> str | None:
     return None
 
 
-def list_source(uri: str) -> Listing:
+def list_source(uri: str, links_out: bool = False) -> Listing:
     """Every file under a directory or bucket prefix, split into the images to annotate and the skipped files
-    with their reasons (:func:`fkd_core.storage.list_files` with image extensions and signatures)."""
-    return list_files(uri, IMAGE_EXTENSIONS, sniff_image, SNIFF_BYTES)
+    with their reasons (:func:`fkd_core.storage.list_files` with image extensions and signatures; links that
+    lead out of a local source are skipped unless ``links_out``)."""
+    return list_files(uri, IMAGE_EXTENSIONS, sniff_image, SNIFF_BYTES, links_out=links_out)
 
 
 def list_images(uri: str) -> list[str]:

@@ -41,7 +41,11 @@ Atomic create-if-absent, per store:
 * any other fsspec protocol: refused with :class:`LeaseUnsupported`.
 
 Clocks: expiry is judged with the *local* clock against the UTC ``expires_at`` the holder wrote (and, for an
-unreadable file, against the store's modification time). ``ttl`` must therefore be much larger than the clock
+unreadable file, against the store's modification time). A record never binds for longer than its ``ttl`` after
+this process first saw it as it is: a live holder rewrites its record every ``ttl / 3``, so a record that stays
+the same for a whole ``ttl`` belongs to a dead holder, whatever expiry it claims (a holder whose clock ran ahead,
+a bad write, a file with a modification time in the future). A ``ttl`` that is not a number between 0 and a day
+counts as this lease's own. ``ttl`` must therefore be much larger than the clock
 skew between machines plus the time one store request can take; the default of 120 s with renewal every
 ``ttl / 3`` tolerates tens of seconds. A holder whose own clock says its lease has expired treats it as lost
 (:meth:`Lease.renew` raises :class:`LeaseLost`) rather than renewing it, because another process may already
@@ -72,6 +76,7 @@ from fkd_core.errors import FkdError, UserError, is_transient
 from fkd_core.storage import check_bucket, is_local, join_uri, url_to_fs
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=-]*")
+_MAX_TTL = 86_400.0  # a record claiming a longer ttl is read as having this lease's own
 _MAX_ERRORS = 20  # renewal errors kept for inspection
 # How often one attempt re-lists after losing a create race before it reports the lease as held.
 _MAX_ROUNDS = 8
@@ -423,6 +428,8 @@ class Lease:
         self.last_holder: dict | None = None
         #: (UTC ISO time, repr, transient?) of the latest errors the renewal thread swallowed
         self.renew_errors: list[tuple[str, str, bool]] = []
+        # the newest record as last seen, (generation, digest of its bytes), and when this process first saw it
+        self._sighting: tuple[tuple[int, str], float] | None = None
 
     def __repr__(self) -> str:
         state = f"held gen {self._generation}" if self.held else "not held"
@@ -486,7 +493,7 @@ class Lease:
     def _attempt(self) -> tuple[bool, dict | None]:
         """One non-waiting try: (True, own record) if this object now holds the lease, else (False, holder's record)."""
         self._prepare()
-        seen: dict | None = None
+        seen: dict | None = None  # the newest record seen, for the caller should every round be lost to a racer
         for _ in range(_MAX_ROUNDS):
             state, generation, holder = self._newest()
             if state == "retry":
@@ -496,7 +503,24 @@ class Lease:
             won = self._create(generation)
             if won is not None:
                 return True, won
+            _, _, seen = self._newest()  # a racer won this generation: it is whom we now wait for
         return False, seen
+
+    def _first_seen(self, generation: int, raw: bytes) -> dt.datetime:
+        """When this process first saw the newest record as it is now (generation and bytes), by the local clock."""
+        import hashlib
+
+        ident = (generation, hashlib.sha256(raw).hexdigest())
+        now = time.monotonic()
+        if self._sighting is None or self._sighting[0] != ident:
+            self._sighting = (ident, now)
+        return _now() - dt.timedelta(seconds=now - self._sighting[1])
+
+    @staticmethod
+    def _ttl_of(rec: dict | None, default: float) -> float:
+        ttl = rec.get("ttl") if rec else None
+        ok = isinstance(ttl, int | float) and not isinstance(ttl, bool) and 0 < ttl <= _MAX_TTL
+        return float(ttl) if ok else default
 
     def _newest(self) -> tuple[str, int, dict | None]:
         """The newest record: ("held", its generation, holder) while it binds, ("free", the next generation, None)
@@ -510,9 +534,14 @@ class Lease:
         except FileNotFoundError:
             return "retry", 0, None  # released or cleaned up since the listing: look again
         rec = _parse_record(raw)
+        first_seen = self._first_seen(top.generation, raw)
+        ttl = self._ttl_of(rec, self.ttl)
         if rec is None:
-            # maybe a writer's first bytes (O_EXCL fallback), maybe a dead one's: held until ttl old
-            if time.time() - top.modified <= self.ttl + self._store.mtime_resolution:
+            # maybe a writer's first bytes (O_EXCL fallback), maybe a dead one's: held until ttl after it was
+            # written (by the store's clock, or by ours where the store's says the future)
+            written = min(dt.datetime.fromtimestamp(top.modified, dt.UTC), first_seen)
+            until = written + dt.timedelta(seconds=ttl + self._store.mtime_resolution)
+            if _now() < until:
                 return (
                     "held",
                     top.generation,
@@ -521,12 +550,16 @@ class Lease:
                         "generation": top.generation,
                         "unreadable": f"{len(raw)} bytes that are not a lease record",
                         "modified_at": _iso(dt.datetime.fromtimestamp(top.modified, dt.UTC)),
-                        "expires_at": _iso(dt.datetime.fromtimestamp(top.modified + self.ttl, dt.UTC)),
+                        "expires_at": _iso(until),
                     },
                 )
         else:
             rec = {**rec, "generation": top.generation}
-            if not rec.get("released") and _now() < _parse_time(rec["expires_at"]) and not holder_died_here(rec):
+            claimed = _parse_time(rec["expires_at"])
+            until = min(claimed, first_seen + dt.timedelta(seconds=ttl))  # never beyond ttl unrenewed
+            if until < claimed:
+                rec["expires_at"], rec["claimed_expires_at"] = _iso(until), rec["expires_at"]
+            if not rec.get("released") and _now() < until and not holder_died_here(rec):
                 return "held", top.generation, rec
         return "free", top.generation + 1, None
 

@@ -135,11 +135,12 @@ class Listing:
 def split_uri(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and path of one file's URI as a listing gave it.
 
-    Unlike fsspec's URL parsing, nothing in the name is syntax: ``a::b.jpg`` is a file name, not a URL chain
-    (which would read the file ``a``).
+    Unlike fsspec's URL parsing, nothing in the name is syntax: ``s3://b/x.jpg::memory://y.jpg`` is the key
+    ``x.jpg::memory://y.jpg`` in bucket ``b``, not a URL chain (which would read another file on another store).
+    Only a URI that starts with a chain (``simplecache::s3://...``, as a user may give a source) is parsed as one.
     """
-    if _CHAIN.search(uri):
-        return url_to_fs(uri)  # a chained root the user gave (simplecache::s3://...), never a listed name
+    if _CHAIN.match(uri):
+        return url_to_fs(uri)  # a chained root the user gave, never a listed name (those start with a protocol)
     if "://" not in uri:
         return fsspec.filesystem("file"), uri
     protocol, path = uri.split("://", 1)
@@ -148,7 +149,7 @@ def split_uri(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.filesystem(protocol), path
 
 
-_CHAIN = re.compile(r"::[A-Za-z][A-Za-z0-9+.-]*://")
+_CHAIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*::")
 
 
 def _kind(mode: int) -> str:
@@ -159,24 +160,51 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _walk_local(root: str, errors: list[tuple[str, str]]) -> Iterator[tuple[str, os.stat_result | None]]:
+def inside(path: str, root: str) -> bool:
+    """Whether local ``path`` resolves (links followed) to ``root`` or somewhere under it."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def leaves(path: str, root: str, what: str = "source") -> str | None:
+    """Why reading local ``path`` would leave ``root`` (a link out of it, or ``..``), or None if it stays inside."""
+    if inside(path, root):
+        return None
+    return f"link leaves the {what} (-> {os.path.realpath(path)})"
+
+
+def _walk_local(
+    root: str, errors: list[tuple[str, str]], links_out: bool = False
+) -> Iterator[tuple[str, os.stat_result | None]]:
     """Every entry under ``root`` that is not a directory, following symlinked directories (each real directory
     once, so a link loop ends); with its ``stat`` (None for a broken link). Never opens a file. A directory that
-    cannot be read is added to ``errors`` with the reason."""
+    cannot be read is added to ``errors`` with the reason; so is every link that leads out of ``root`` (a file or a
+    directory elsewhere), unless ``links_out``."""
     seen: set[str] = set()
+    top = os.path.realpath(root)
 
     def unreadable(e: OSError) -> None:
         errors.append((e.filename or root, f"unreadable directory: {e.strerror or type(e).__name__}"))
+
+    def outside(real: str) -> bool:
+        return not links_out and real != top and not real.startswith(top.rstrip(os.sep) + os.sep)
 
     for d, dirs, files in os.walk(root, followlinks=True, onerror=unreadable):
         real = os.path.realpath(d)
         if real in seen:
             dirs[:] = []
             continue
+        if outside(real):
+            errors.append((d, f"link leaves the source (-> {real})"))
+            dirs[:] = []
+            continue
         seen.add(real)
         dirs.sort()
         for name in files:
             p = os.path.join(d, name)
+            if os.path.islink(p) and outside(target := os.path.realpath(p)):
+                errors.append((p, f"link leaves the source (-> {target})"))
+                continue
             try:
                 yield p, os.stat(p)
             except OSError:
@@ -184,7 +212,11 @@ def _walk_local(root: str, errors: list[tuple[str, str]]) -> Iterator[tuple[str,
 
 
 def list_files(
-    uri: str, extensions: tuple[str, ...], sniff: Callable[[bytes], object], sniff_bytes: int = 32
+    uri: str,
+    extensions: tuple[str, ...],
+    sniff: Callable[[bytes], object],
+    sniff_bytes: int = 32,
+    links_out: bool = False,
 ) -> Listing:
     """Every file under a directory or bucket prefix, sorted, split into the files wanted and the skipped ones
     (with reasons).
@@ -193,7 +225,9 @@ def list_files(
     ``sniff(its first sniff_bytes)`` true means wanted (an image without an image's name: ``photo``,
     ``x.jfif.bak``), else it is skipped as "not an image". FIFOs, sockets and devices are never opened: with a
     wanted name they are listed (annotate records each as an error, "not a regular file"), otherwise skipped.
-    Symlinked directories are followed. A URI that names a single file gives that file. An empty directory, or a
+    Symbolic links are followed within the directory; one that leads out of it (``p.jpg -> /etc/passwd``,
+    ``d -> /elsewhere``) is skipped with its target as the reason, never opened, unless ``links_out``. A URI that
+    names a single file gives that file. An empty directory, or a
     prefix with no objects in an existing bucket, gives nothing; a missing local path or bucket raises a
     :class:`~fkd_core.errors.UserError` naming it.
     """
@@ -207,7 +241,7 @@ def list_files(
             return Listing([_local_file(path, os.stat(path))], [])
         if not os.path.isdir(path):
             check_exists(uri, "source", directory=True)  # a missing path: refused, naming it
-        _list_local(path, exts, images, skipped, unknown)
+        _list_local(path, exts, images, skipped, unknown, links_out)
     else:
         if fs.isfile(path):
             info = fs.info(path)
@@ -228,9 +262,11 @@ def list_files(
     return Listing(sorted(images, key=lambda f: f.uri), sorted(skipped))
 
 
-def _list_local(path: str, exts: tuple[str, ...], images: list, skipped: list, unknown: list[SourceFile]) -> None:
+def _list_local(
+    path: str, exts: tuple[str, ...], images: list, skipped: list, unknown: list[SourceFile], links_out: bool
+) -> None:
     """Sort a local tree's files into images (by name), skipped (with reasons) and unknown (to sniff)."""
-    for p, st in _walk_local(path, skipped):
+    for p, st in _walk_local(path, skipped, links_out):
         try:
             p.encode("utf-8")
         except UnicodeEncodeError:  # bytes that are no UTF-8 cannot be a URI in the tables: say so instead
@@ -377,10 +413,20 @@ def iter_read(
 
 def read_under(base: str, names: Iterable[str]) -> Iterator[tuple[str, bytes | ImageError]]:
     """Each of ``names`` (relative to ``base``) with its bytes, or the error reading it raised: ``iter_read`` over
-    their URIs, so remote stores are read a few files ahead, as consumed."""
+    their URIs, so remote stores are read a few files ahead, as consumed. In a local ``base``, a name that
+    resolves outside it (a link out, ``..``) is not opened: its error says where it leads."""
     names = list(names)
-    for name, (_, data) in zip(names, iter_read([join_uri(base, n) for n in names]), strict=True):
-        yield name, data
+    fs, root = url_to_fs(base)
+    refused: dict[str, ImageError] = {}
+    if is_local(fs):
+        for n in names:
+            why = leaves(join_uri(root, n), root, "images directory")
+            if why is not None:
+                refused[n] = ImageError(why)
+    allowed = [n for n in names if n not in refused]
+    reads = iter_read([join_uri(base, n) for n in allowed])
+    for name in names:
+        yield (name, refused[name]) if name in refused else (name, next(reads)[1])
 
 
 def write_json(obj: dict, uri: str) -> None:

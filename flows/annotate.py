@@ -66,8 +66,8 @@ def check_locations(source: str, out: str) -> None:
 
 
 @task(**IO_RETRY)
-def list_source(source: str) -> Listing:
-    return list_files(source)
+def list_source(source: str, links_out: bool = False) -> Listing:
+    return list_files(source, links_out=links_out)
 
 
 @task(**IO_RETRY)
@@ -289,7 +289,7 @@ def _annotate(cfg: AnnotateConfig, predictor: Predictor, run_id: str, log, lease
         doc = previous
         log.info("resuming run %s (%s before): %d shards planned", run_id, previous.get("status"), len(shards))
     else:
-        listing = list_source(cfg.source)
+        listing = list_source(cfg.source, cfg.follow_links_out)
         files, skipped = listing.images, 0
         if cfg.incremental:
             done = already_annotated(cfg.out, [f.uri for f in listing.images])

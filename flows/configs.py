@@ -28,6 +28,7 @@ class AnnotateConfig(BaseModel):
     run_id: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9_.-]+$",
+        max_length=100,  # it names files (runs/<id>.plan.parquet, run_id=<id>/): well within 255 bytes
         description="Run id; rerunning an existing one resumes it (default: a new id from the start time)",
     )
     model: str | None = Field(None, description=f"Checkpoint (.safetensors, its .json beside it); {SERVED_MODEL}")
@@ -37,6 +38,9 @@ class AnnotateConfig(BaseModel):
         True, description="Run a two-stage checkpoint's refining stage (off: first stage only, faster, less accurate)"
     )
     incremental: bool = Field(False, description="Only images not already in any run under `out`")
+    follow_links_out: bool = Field(
+        False, description="Read files that symbolic links in the source lead to outside it (off: listed as skipped)"
+    )
     dask_address: str | None = Field(None, description="Run shards on this Dask scheduler (tcp://host:port)")
     workers: int = Field(1, ge=1, le=64, description="Shards at once with the local runner")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Refuse images with more pixels (pixel bombs)")

@@ -33,11 +33,14 @@ def test_csv_rows_are_parsed_and_bad_ones_refused_with_row_number():
         _row("d_01.jpg", [*good[:-1], "nan"]),  # row 5: non-finite
         "",  # blank line skipped
         _row("", good),  # row 7: empty name
+        _row("../../etc/passwd", good),  # row 8: out of the images directory
+        _row("/etc/passwd", good),  # row 9: an absolute path
+        _row("sub/e..f_01.jpg", good),  # dots inside a name are fine
     ]
     items = list(parse_keypoints_csv(io.StringIO("\n".join(lines)), source="kp.csv"))
     rows = [i for i in items if isinstance(i, LabelledRow)]
     errors = [str(i) for i in items if isinstance(i, RowError)]
-    assert [r.image_id for r in rows] == ["a_01.jpg"]
+    assert [r.image_id for r in rows] == ["a_01.jpg", "sub/e..f_01.jpg"]
     assert rows[0].row_number == 2 and rows[0].keypoints.shape == (68, 2)
     assert rows[0].keypoints[1].tolist() == [2.0, 3.0]
     assert errors == [
@@ -45,6 +48,8 @@ def test_csv_rows_are_parsed_and_bad_ones_refused_with_row_number():
         "kp.csv row 4: column 11 is not a number: 'abc'",
         "kp.csv row 5: non-finite keypoint value",
         "kp.csv row 7: empty image name",
+        "kp.csv row 8: image name '../../etc/passwd' leads out of the images directory",
+        "kp.csv row 9: image name '/etc/passwd' leads out of the images directory",
     ]
 
 

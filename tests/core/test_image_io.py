@@ -142,3 +142,32 @@ def test_iter_read_keeps_order_and_reports_errors_over_a_remote_filesystem():
     assert by_uri["memory://bucket/img03.jpg"] == bytes([3]) * 4
     assert isinstance(by_uri["memory://bucket/img35.jpg"], ImageError)  # 36 bytes > max_bytes
     assert "larger than 30 bytes" in str(by_uri["memory://bucket/img35.jpg"])
+
+
+def test_a_link_out_of_a_directory_is_not_read(tmp_path):
+    """Listing skips links that leave the source unless asked to follow them; reading a CSV's names under an
+    images directory never opens what a link there leads to outside it."""
+    from fkd_core.image_io import list_source
+    from fkd_core.storage import read_under
+
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    (src / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(b"\xff\xd8\xff secret")
+    (src / "sub" / "in.jpg").write_bytes(b"\xff\xd8\xff inside")
+    (src / "out.jpg").symlink_to(outside / "secret.jpg")
+    (src / "in.jpg").symlink_to(src / "sub" / "in.jpg")
+    (src / "dir").symlink_to(outside, target_is_directory=True)
+    listing = list_source(str(src))
+    assert [f.uri for f in listing.images] == [str(src / "in.jpg"), str(src / "sub" / "in.jpg")]
+    assert listing.skipped == [
+        (str(src / "dir"), f"link leaves the source (-> {outside})"),
+        (str(src / "out.jpg"), f"link leaves the source (-> {outside / 'secret.jpg'})"),
+    ]
+    followed = list_source(str(src), links_out=True)
+    assert len(followed.images) == 4 and followed.skipped == []
+    reads = dict(read_under(str(src), ["in.jpg", "out.jpg", "dir/secret.jpg", "sub/in.jpg"]))
+    assert reads["in.jpg"] == reads["sub/in.jpg"] == b"\xff\xd8\xff inside"
+    for name in ("out.jpg", "dir/secret.jpg"):
+        assert isinstance(reads[name], ImageError)
+        assert str(reads[name]) == f"link leaves the images directory (-> {outside / 'secret.jpg'})"

@@ -443,3 +443,49 @@ def test_a_dead_holder_is_recognised_only_on_its_own_machine_and_pid_namespace()
     # a PID taken over by a process started after the lease was: the holder is gone
     old = (dt.datetime.now(dt.UTC) - dt.timedelta(days=365 * 30)).isoformat()
     assert holder_died_here({"holder": me | {"pid": os.getppid()}, "acquired_at": old})
+
+
+ELSEWHERE = {"run_id": "far", "host": "another-host", "pid": 1}  # never judged dead from here: only expiry frees it
+
+
+@pytest.mark.parametrize("claimed_ttl", [0.6, 1e12, "x"])
+def test_a_record_claiming_a_far_expiry_binds_only_ttl_after_it_last_changed(tmp_path, claimed_ttl):
+    """A holder whose clock ran ahead, or a bad write, claims "until 2099": unrenewed, the record still binds no
+    longer than ttl after this process first saw it (a nonsense claimed ttl counts as the lease's own)."""
+    path = _write_record(tmp_path, 4, ELSEWHERE, expires_in=0)
+    rec = json.loads(path.read_text())
+    path.write_text(json.dumps({**rec, "ttl": claimed_ttl, "expires_at": "2099-01-01T00:00:00+00:00"}))
+    lease = Lease(str(tmp_path), "job", {"run_id": "next"}, ttl=0.6)
+    seen: list[dict] = []
+    t0 = time.monotonic()
+    lease.acquire(poll=0.1, timeout=20, on_wait=lambda r, waited: seen.append(r))
+    assert 0.5 <= time.monotonic() - t0 < 5.0 and lease.generation == 5
+    # while it waited it said the real deadline, and what the record claimed
+    assert seen[0]["claimed_expires_at"].startswith("2099") and seen[0]["expires_at"] < "2098"
+
+
+def test_an_unreadable_record_dated_in_the_future_expires_like_any_other(tmp_path):
+    path = tmp_path / "job.0000000002.json"
+    path.write_bytes(b"\x00garbage")
+    future = dt.datetime(2099, 1, 1, tzinfo=dt.UTC).timestamp()
+    os.utime(path, (future, future))
+    lease = Lease(str(tmp_path), "job", {"run_id": "next"}, ttl=0.6)
+    assert not lease.try_acquire()  # it may be a writer's first bytes: held for now
+    t0 = time.monotonic()
+    lease.acquire(poll=0.1, timeout=20)
+    assert time.monotonic() - t0 < 5.0 and lease.generation == 3
+
+
+def test_a_live_holder_that_renews_is_never_taken_over(tmp_path):
+    """The cap counts from the record's last change: a holder that renews every ttl/3 keeps its lease."""
+    holder = Lease(str(tmp_path), "job", ELSEWHERE, ttl=0.6)
+    assert holder.try_acquire()
+    holder.start_renewing()
+    other = Lease(str(tmp_path), "job", {"run_id": "next"}, ttl=0.6)
+    try:
+        with pytest.raises(LeaseHeld):
+            other.acquire(poll=0.05, timeout=2.0)
+        holder.check()
+    finally:
+        holder.release()
+    assert other.try_acquire()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
 import logging
@@ -12,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -73,11 +75,16 @@ def test_a_url_chain_in_a_key_on_a_bucket_is_just_a_name(tmp_path, s3fs_clean, s
     s3fs_clean.mkdir("fkd-hostile")
     s3fs_clean.put_file(str(sample_dir / "photos" / "obamas.jpg"), "fkd-hostile/in/a::b.jpg")
     s3fs_clean.pipe_file("fkd-hostile/in/a", b"sibling")
+    # a key holding a whole chain: read literally, never as memory://x.jpg (a decoy there) or a failing chain
+    s3fs_clean.put_file(str(sample_dir / "photos" / "obamas.jpg"), "fkd-hostile/in/b.jpg::memory://x.jpg")
+    fsspec.filesystem("memory").pipe_file("/x.jpg", (sample_dir / "photos" / "the_beatles.jpg").read_bytes())
     doc = annotate(source="s3://fkd-hostile/in", out=str(tmp_path / "out"), model=model_path, run_id="r")
     assert doc["status"] == "completed"
     rows = _images(tmp_path / "out")
-    assert rows["s3://fkd-hostile/in/a::b.jpg"]["status"] == "ok"
-    assert rows["s3://fkd-hostile/in/a::b.jpg"]["n_faces"] == 2
+    obamas = hashlib.sha256((sample_dir / "photos" / "obamas.jpg").read_bytes()).hexdigest()
+    for key in ("a::b.jpg", "b.jpg::memory://x.jpg"):
+        row = rows[f"s3://fkd-hostile/in/{key}"]
+        assert row["status"] == "ok" and row["n_faces"] == 2 and row["sha256"] == obamas, (key, row)
     # a store read is cut off at its deadline (here far shorter than the request), recorded as the file's reason
     from fkd_core.errors import ImageError
     from fkd_core.storage import read_bytes
@@ -111,21 +118,33 @@ def test_every_file_is_annotated_or_skipped_with_its_reason(tmp_path, sample_dir
     page.save(tiff, format="TIFF", save_all=True, append_images=[Image.new("L", page.size)])  # 2 pages
     (src / "pages.tif").write_bytes(tiff.getvalue())
     (src / "README.md").write_text("not an image")
+    (src / "inner").mkdir()
+    (src / "inner" / "x.jpg").write_bytes(jpeg)
+    (src / "alias.jpg").symlink_to(src / "inner" / "x.jpg")  # a link that stays inside: read like any file
     linked = tmp_path / "elsewhere"
     _copy(sample_dir, linked, 1)
     (src / "linked").symlink_to(linked, target_is_directory=True)
+    (tmp_path / "private.jpg").write_bytes(jpeg)
+    (src / "p.jpg").symlink_to(tmp_path / "private.jpg")  # `SRC/p.jpg -> /etc/passwd`, with a JPEG to be sure
     doc = annotate(source=str(src), out=str(tmp_path / "out"), model=model_path, run_id="r")
     rows = _images(tmp_path / "out")
-    for name in ("photo_without_extension", "photo.jfif", "frame.gif"):
+    for name in ("photo_without_extension", "photo.jfif", "frame.gif", "alias.jpg", "inner/x.jpg"):
         assert rows[str(src / name)]["status"] == "ok", (name, rows[str(src / name)])
     assert rows[str(src / "pages.tif")]["status"] == "ok"  # the first page, which has the faces
     assert rows[str(src / "pages.tif")]["n_faces"] == 2
-    assert any(u.startswith(str(src / "linked") + "/") for u in rows)
+    # nothing outside the source is opened: the links that leave it are listed as skipped, with where they lead
     skipped = pq.read_table(tmp_path / "out" / "runs" / "r.skipped.parquet").to_pylist()
     assert skipped == [
-        {"uri": str(src / "README.md"), "reason": "not an image (no image extension, no image signature)"}
+        {"uri": str(src / "README.md"), "reason": "not an image (no image extension, no image signature)"},
+        {"uri": str(src / "linked"), "reason": f"link leaves the source (-> {linked})"},
+        {"uri": str(src / "p.jpg"), "reason": f"link leaves the source (-> {tmp_path / 'private.jpg'})"},
     ]
-    assert doc["skipped_files"] == 1 and doc["images_planned"] == len(rows) == 7  # 2 + 4 + 1 through the link
+    assert doc["skipped_files"] == 3 and doc["images_planned"] == len(rows) == 8  # 2 + 4 + 2 (a link inside)
+    # following links out of the source is an explicit option
+    doc = annotate(source=str(src), out=str(tmp_path / "out2"), model=model_path, run_id="r", follow_links_out=True)
+    rows = _images(tmp_path / "out2")
+    assert rows[str(src / "p.jpg")]["status"] == "ok" and any(u.startswith(str(src / "linked") + "/") for u in rows)
+    assert doc["skipped_files"] == 1 and doc["images_planned"] == len(rows) == 10
 
 
 def test_incremental_retries_errors_and_redoes_replaced_files_only(tmp_path, sample_dir, model_path):

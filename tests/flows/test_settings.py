@@ -259,3 +259,24 @@ def test_fkd_detector_picks_the_detector_of_every_run_that_names_none(monkeypatc
     monkeypatch.setenv("FKD_DETECTOR", "dlib")
     with pytest.raises(ValueError, match=r"FKD_DETECTOR \(environment\): Input should be 'haar' or 'yunet'"):
         AnnotateConfig(source="s", out="o")
+
+
+@pytest.mark.flows
+def test_a_run_id_too_long_to_name_a_file_is_refused_before_anything_is_written(tmp_path, sample_dir, model_path):
+    """A 300-character --run-id would fail late with "File name too long": it is one line and exit 2 at once,
+    and the longest id allowed names its files fine."""
+    from fkd_flows.annotate import annotate
+
+    photo = str(sample_dir / "photos" / "obamas.jpg")
+    out = tmp_path / "out"
+    cli = subprocess.run(
+        [str(BIN / "fkd"), "annotate", photo, str(out), "--run-id", "r" * 300, "--model", model_path],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    assert cli.stderr.startswith("fkd: invalid run_id (--run-id): String should have at most 100 characters")
+    assert not out.exists()
+    longest = "r" * 100
+    doc = annotate(source=photo, out=str(out), run_id=longest, model=model_path)
+    assert doc["status"] == "completed" and (out / "runs" / f"{longest}.json").is_file()
