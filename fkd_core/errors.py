@@ -51,6 +51,22 @@ CREDENTIAL_HINT = (
 )
 
 
+class OutputNotWritable(UserError, OSError):
+    """A local output cannot take what fkd writes: a full disk, a read-only or foreign file system. Nothing a retry
+    heals; the message names the file and the errno."""
+
+
+# What a local write answers when the place itself is the problem (not the data, not a passing fault).
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def output_error(e: OSError, path: str) -> OSError:
+    """``e`` from writing ``path``, as :class:`OutputNotWritable` where the place cannot take the write."""
+    if e.errno not in _OUTPUT_ERRNOS or isinstance(e, UserError):
+        return e
+    return OutputNotWritable(f"cannot write {path}: {e.strerror or type(e).__name__} (errno {e.errno})")
+
+
 class RunConflict(UserError):
     """A run id cannot be resumed as asked (another model or detector settings than it started with)."""
 

@@ -72,7 +72,7 @@ from typing import Any
 
 import fsspec.asyn
 
-from fkd_core.errors import FkdError, UserError, is_transient
+from fkd_core.errors import FkdError, OutputNotWritable, UserError, is_transient, output_error
 from fkd_core.storage import check_bucket, is_local, join_uri, url_to_fs
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=-]*")
@@ -228,11 +228,22 @@ class _LocalStore:
 
     def _tmp(self, key: str, data: bytes) -> str:
         tmp = f"{self.dir}/.{key.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException as e:  # a full disk leaves no empty temporary record behind
+            self._unlink_quietly(tmp)
+            raise output_error(e, key) if isinstance(e, OSError) else e from None
         return tmp
+
+    @staticmethod
+    def _unlink_quietly(path: str) -> None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
     def create(self, key: str, data: bytes) -> bool:
         """Create ``key`` holding ``data`` unless it exists; True if this call created it."""
@@ -255,14 +266,23 @@ class _LocalStore:
             fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException as e:
+            self._unlink_quietly(key)  # a partial record would be an unreadable lease
+            raise output_error(e, key) if isinstance(e, OSError) else e from None
         return True
 
     def replace(self, key: str, data: bytes) -> None:
-        os.replace(self._tmp(key, data), key)
+        tmp = self._tmp(key, data)
+        try:
+            os.replace(tmp, key)
+        except BaseException as e:
+            self._unlink_quietly(tmp)
+            raise output_error(e, key) if isinstance(e, OSError) else e from None
 
     def delete(self, key: str) -> None:
         try:
@@ -766,6 +786,14 @@ class Lease:
                 return True
             except FileNotFoundError:
                 return False
+            except OutputNotWritable:
+                # a full disk cannot take the released record; removing ours frees the lease all the same
+                try:
+                    self._store.delete(key)
+                    return True
+                except Exception as e:
+                    self.renew_errors.append((_iso(_now()), f"release: {type(e).__name__}: {e}", False))
+                    return False
             except Exception as e:
                 self.renew_errors.append((_iso(_now()), f"release: {type(e).__name__}: {e}", is_transient(e)))
                 return False

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 
 import fsspec
 
-from fkd_core.errors import CREDENTIAL_HINT, AccessDenied, BucketNotFound, ImageError, SourceNotFound, UserError
+from fkd_core.errors import (
+    CREDENTIAL_HINT,
+    AccessDenied,
+    BucketNotFound,
+    ImageError,
+    SourceNotFound,
+    UserError,
+    output_error,
+)
 
 # A file that takes longer than this to read from a store is recorded as an error, not waited for.
 DEFAULT_READ_SECONDS = 120.0
@@ -113,6 +121,26 @@ def check_output(uri: str, what: str = "output") -> None:
     fs, path = url_to_fs(uri)
     if fs.isfile(path):
         raise UserError(f"{what} {uri} is a file; give a directory or a bucket prefix to write into")
+    if is_local(fs):
+        check_writable(path, f"{what} {uri}")
+
+
+def check_writable(path: str, what: str) -> None:
+    """Refuse a local directory this process cannot create or write in (a read-only mount, another user's
+    volume), naming it and the errno. Checked where it already exists, or else in its nearest existing parent, with
+    a nameless file (nothing is left behind, and nothing is created if the check fails)."""
+    import tempfile
+
+    here = os.path.abspath(path)
+    while not os.path.exists(here):
+        here = os.path.dirname(here)
+    try:
+        if not os.path.isdir(here):
+            raise NotADirectoryError(20, "Not a directory", here)
+        tempfile.TemporaryFile(dir=here).close()
+    except OSError as e:
+        where = "" if here == os.path.abspath(path) else f" (its parent {here})"
+        raise UserError(f"{what} is not writable{where}: {e.strerror or type(e).__name__} (errno {e.errno})") from None
 
 
 @dataclass(frozen=True)
@@ -443,13 +471,24 @@ def write_bytes(data: bytes, uri: str) -> None:
     fs, path = url_to_fs(uri)
     if is_local(fs):
         parent = path.rsplit("/", 1)[0]
-        fs.makedirs(parent, exist_ok=True)
         # Hidden and not ending in .parquet, so neither our readers nor a `*.parquet` glob ever see it.
         tmp = f"{parent}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.tmp"
-        fs.pipe_file(tmp, data)
-        fs.mv(tmp, path)
+        try:
+            fs.makedirs(parent, exist_ok=True)
+            fs.pipe_file(tmp, data)
+            fs.mv(tmp, path)
+        except BaseException as e:  # a full disk, a read-only mount, an interrupt: no temporary file stays
+            _remove_quietly(tmp)
+            raise output_error(e, path) if isinstance(e, OSError) else e from None
     else:
         fs.pipe_file(path, data)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def read_json(uri: str) -> dict | None:

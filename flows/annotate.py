@@ -17,7 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from fkd_core.annotate import ShardConfig, ShardCounts, read_window
 from fkd_core.annotate import annotate_shard as shard_tables
-from fkd_core.errors import RunConflict, UserError
+from fkd_core.errors import OutputNotWritable, RunConflict, UserError
 from fkd_core.image_io import list_source as list_files
 from fkd_core.lease import Lease, LeaseUnsupported, default_holder
 from fkd_core.parquet_io import FACES_SCHEMA, IMAGES_SCHEMA, dataset, part_uri, write_table
@@ -331,7 +331,12 @@ def _annotate(cfg: AnnotateConfig, predictor: Predictor, run_id: str, log, lease
         # an Exception is a failure; anything else (SIGTERM as Prefect's TerminationSignal, Ctrl-C) an interruption
         status = "failed" if isinstance(e, Exception) else "interrupted"
         try:
-            record.finish(status, error=_describe(e))
+            try:
+                record.finish(status, error=_describe(e))
+            except OutputNotWritable:  # a full disk: the leases' records make room for the run's
+                for lease in leases:
+                    lease.release()
+                record.finish(status, error=_describe(e))
         except Exception as write_error:  # the run's own error is the one to raise
             log.warning("could not record run %s as %s: %s", run_id, status, write_error)
         raise
@@ -371,7 +376,10 @@ def _describe(e: BaseException) -> str:
     import signal
 
     signum = getattr(e, "signal", None)  # Prefect's TerminationSignal carries the signal number
-    how = signal.Signals(signum).name if signum else type(e).__name__
+    if signum:
+        how = signal.Signals(signum).name
+    else:
+        how = "SIGINT (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else type(e).__name__
     return f"interrupted by {how}; rerun the run id to resume"
 
 

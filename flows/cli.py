@@ -32,9 +32,11 @@ def _run(name: str, cfg) -> dict:
     from fkd_core.errors import UserError, is_transient
 
     from . import preflight
+    from .tempserver import check_prefect_home
 
     try:
         getattr(preflight, name)(cfg)
+        check_prefect_home()
     except UserError as e:
         _fail(str(e))
     except Exception as e:
@@ -43,11 +45,13 @@ def _run(name: str, cfg) -> dict:
         _fail(f"the store did not answer ({type(e).__name__}: {e}); it may be down or the address wrong "
               "(AWS_ENDPOINT_URL): try again", code=1)  # fmt: skip
     from ._common import hide_user_error_tracebacks
+    from .tempserver import temporary_server
 
     flow = getattr(importlib.import_module(f"{__package__}.{name}"), name)
     hide_user_error_tracebacks()
     try:
-        return flow(**cfg.model_dump())
+        with temporary_server():  # without PREFECT_API_URL: one that ends with this process, however it ends
+            return flow(**cfg.model_dump())
     except UserError as e:
         _fail(str(e))
 
@@ -162,9 +166,16 @@ def serve(
     interval: Annotated[float | None, typer.Option(help="Run the nightly deployment every N seconds instead")] = None,
 ) -> None:
     """Serve the deployments (nightly incremental annotation from FKD_NIGHTLY_SOURCE, and on-demand flows)."""
+    from fkd_core.errors import UserError
+
     from .deploy import DeploymentConflict, serve_all
+    from .tempserver import check_prefect_home
 
     s = _settings()
+    try:
+        check_prefect_home()
+    except UserError as e:
+        _fail(str(e))
     if not (s.nightly_source and s.nightly_out):
         typer.echo("FKD_NIGHTLY_SOURCE / FKD_NIGHTLY_OUT not set: serving on-demand deployments only", err=True)
     try:

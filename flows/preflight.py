@@ -12,7 +12,7 @@ from __future__ import annotations
 from fkd_core.annotate import MODEL_THREADS
 from fkd_core.errors import UserError
 from fkd_core.predict import Predictor
-from fkd_core.storage import check_bucket, check_exists, check_output
+from fkd_core.storage import check_exists, check_output
 
 
 def locations(source: str, out: str) -> None:
@@ -92,7 +92,7 @@ def train(cfg) -> None:
         if not torch.cuda.is_available():
             raise UserError(f"device: {cfg.device!r} asked for, but torch sees no CUDA GPU on this machine")
     check_exists(cfg.examples, "examples", directory=True)
-    check_bucket(cfg.out_dir, "output bucket")
+    check_output(cfg.out_dir)
     for what, uri in (("init", cfg.init), ("refine_of", cfg.refine_of)):
         if uri:
             check_exists(uri, what)

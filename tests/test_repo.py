@@ -138,6 +138,9 @@ def test_dockerfile_has_an_init_a_stop_signal_and_a_runner_healthcheck():
     assert int(env[PREFECT_RUNNER_SERVER_PORT.name]) > 0
     check = ins[_index(ins, "HEALTHCHECK")][1]
     assert "/health" in check and "curl" not in check and "wget" not in check  # the slim image has neither
+    # `fkd serve` answers about 2.5 min after a cold start on 2 cores: probes before then must not count
+    start = re.search(r"--start-period=(\d+)s", check)
+    assert start is not None and int(start.group(1)) >= 240, check
 
 
 @pytest.mark.timeout(120)
@@ -260,7 +263,7 @@ def test_compose_runs_the_prefect_server_on_postgres():
 
     # the Prefect server runs on PostgreSQL (its production database), once that answers
     postgres = services["postgres"]
-    assert postgres["image"].startswith("postgres:15")
+    assert re.fullmatch(r"postgres:15\.\d+-bookworm", postgres["image"]), "pin PostgreSQL's minor version and base"
     assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
     assert "ports" not in postgres, "PostgreSQL must not be published outside the compose network"
     server = services["prefect-server"]
@@ -310,8 +313,11 @@ def test_compose_publishes_nothing_beyond_this_machine_and_holds_no_literal_cred
 def test_compose_wires_the_worker_to_the_server_and_the_store():
     _, services = _compose()
     env = _environment(services["worker"])
-    assert env["AWS_ACCESS_KEY_ID"] == _environment(services["s3"])["MINIO_ROOT_USER"]
-    assert env["AWS_SECRET_ACCESS_KEY"] == _environment(services["s3"])["MINIO_ROOT_PASSWORD"]
+    # the worker uses the user create-buckets makes for it, never the store's root credentials
+    made = _environment(services["create-buckets"])
+    assert env["AWS_ACCESS_KEY_ID"] == made["FKD_S3_ACCESS_KEY"] != _environment(services["s3"])["MINIO_ROOT_USER"]
+    assert env["AWS_SECRET_ACCESS_KEY"] == made["FKD_S3_SECRET_KEY"]
+    assert services["worker"]["depends_on"]["create-buckets"]["condition"] == "service_completed_successfully"
     assert env["FKD_NIGHTLY_SOURCE"] == "${FKD_NIGHTLY_SOURCE:-s3://images/incoming}"
     assert env["PREFECT_API_URL"].startswith("http://prefect-server:4200")
     assert env["AWS_ENDPOINT_URL"] == "http://s3:9000"
@@ -494,3 +500,60 @@ def test_constraints_pin_every_dependency_inside_its_range():
         and not (canonicalize_name(r.name) in pins and r.specifier.contains(pins[canonicalize_name(r.name)]))
     ]
     assert not problems, problems
+
+
+def test_compose_services_report_health_within_bounded_time():
+    _, services = _compose()
+    for name in ("postgres", "prefect-server", "s3"):
+        check = services[name]["healthcheck"]
+        assert check.get("timeout") and check.get("retries"), (name, check)
+    assert services["prefect-server"]["healthcheck"]["start_period"]  # its first start migrates the database
+    assert "timeout=" in " ".join(services["prefect-server"]["healthcheck"]["test"])
+    assert services["s3"]["healthcheck"]["test"] == ["CMD", "mc", "ready", "local"]
+    assert services["create-buckets"]["depends_on"]["s3"]["condition"] == "service_healthy"
+
+
+def _create_buckets(tmp_path, alias_fails: bool) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """Run create-buckets' script as compose hands it to the container's shell, with an `mc` that records its
+    arguments (and refuses the root credentials if asked) and a `sleep` that returns at once."""
+    _, services = _compose()
+    service = services["create-buckets"]
+    script = service["command"][0].replace("$$", "$")  # compose's escape for the container's shell
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    mc = bin_dir / "mc"
+    fail = 'if [ "$1 $2" = "alias set" ]; then exit 1; fi' if alias_fails else ""
+    keep_policy = f'if [ "$1 $2 $3" = "admin policy create" ]; then cp "$6" {tmp_path}/policy.json; fi'
+    mc.write_text(f'#!/bin/sh\nprintf "%s\\037" "$@" >> {calls}; echo >> {calls}\n{fail}\n{keep_policy}\n')
+    (bin_dir / "sleep").write_text("#!/bin/sh\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "MINIO_ROOT_USER": "root-user", "MINIO_ROOT_PASSWORD": "root-pass",
+           "FKD_S3_ACCESS_KEY": "fkd-user", "FKD_S3_SECRET_KEY": "fkd-secret"}  # fmt: skip
+    entry = service["entrypoint"]
+    done = subprocess.run([*entry, script], env=env, capture_output=True, text=True, timeout=60)
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    return done, [line.split("\x1f")[:-1] for line in lines]
+
+
+def test_create_buckets_gives_up_on_refused_root_credentials(tmp_path):
+    done, calls = _create_buckets(tmp_path, alias_fails=True)
+    assert done.returncode != 0 and "refused MINIO_ROOT_USER/MINIO_ROOT_PASSWORD 30 times" in done.stderr
+    assert len(calls) == 30 and all(c[:2] == ["alias", "set"] for c in calls)
+
+
+def test_create_buckets_makes_the_buckets_and_a_worker_user_limited_to_them(tmp_path):
+    done, calls = _create_buckets(tmp_path, alias_fails=False)
+    assert done.returncode == 0, done.stderr
+    assert calls[0] == ["alias", "set", "local", "http://s3:9000", "root-user", "root-pass"]
+    assert ["mb", "--ignore-existing", "local/images", "local/keypoints"] in calls
+    assert ["admin", "user", "add", "local", "fkd-user", "fkd-secret"] in calls
+    assert ["admin", "policy", "attach", "local", "fkd-worker", "--user", "fkd-user"] in calls
+    policy = json.loads((tmp_path / "policy.json").read_text())
+    resources = {r for st in policy["Statement"] for r in st["Resource"]}
+    assert resources == {"arn:aws:s3:::images", "arn:aws:s3:::keypoints", "arn:aws:s3:::images/*",
+                         "arn:aws:s3:::keypoints/*"}  # fmt: skip
+    actions = {a for st in policy["Statement"] for a in st["Action"]}
+    assert not any(a.startswith("admin:") or a == "s3:*" for a in actions)
+    assert {"s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket"} <= actions

@@ -9,6 +9,8 @@ import json
 import logging
 import multiprocessing
 import os
+import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -411,3 +413,133 @@ def test_a_decode_budget_bounds_the_bytes_in_flight_across_threads():
     assert budget.peak <= 2 * per_image and budget.peak >= per_image
     gray = results[0].gray
     assert gray.dtype == np.uint8 and gray[200, 200] == 255 and gray[0, 0] == 0
+
+
+def _prefect_servers_of(pid: int) -> list:
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [c for c in children if "prefect.server.api.server:create_app" in " ".join(c.cmdline())]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGKILL"])
+def test_a_stopped_cli_run_leaves_no_prefect_server_running(tmp_path, sample_dir, model_path, sig):
+    """Without PREFECT_API_URL `fkd annotate` starts a temporary Prefect server; however the run ends, the server
+    ends with it (Prefect's own stops only at a clean exit), and the run record says what happened."""
+    import psutil
+
+    from tests.flows.conftest import stop
+
+    out = tmp_path / "out"
+    cmd = [str(BIN / "fkd"), "annotate", str(sample_dir / "images"), str(out), "--run-id", "s", "--shard-size", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"FKD_MODEL": model_path}
+    # SIGINT as a terminal's Ctrl-C sends it: the process group, with SIGINT not ignored as in a background job
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    parts = out / "images" / "run_id=s"
+    try:
+        deadline = time.monotonic() + 180
+        while not (parts.is_dir() and any(p.suffix == ".parquet" for p in parts.iterdir())):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before a shard was written"
+            time.sleep(0.05)
+        (server,) = _prefect_servers_of(proc.pid)
+        os.killpg(proc.pid, getattr(signal, sig)) if sig == "SIGINT" else proc.send_signal(getattr(signal, sig))
+        proc.wait(timeout=60)
+    finally:
+        stop(proc)
+    # a signal's usual exit status: 128 + 2 after Ctrl-C, death by the signal otherwise
+    assert proc.returncode == {"SIGINT": 130, "SIGTERM": -signal.SIGTERM, "SIGKILL": -signal.SIGKILL}[sig]
+    try:  # the kernel or fkd stops it: Linux's parent-death signal covers SIGKILL too
+        server.wait(timeout=20)
+    except psutil.TimeoutExpired:
+        server.kill()
+        raise AssertionError(f"the temporary Prefect server outlived a run stopped by {sig}") from None
+    record = json.loads((out / "runs" / "s.json").read_text())
+    if sig == "SIGKILL":
+        assert record["status"] == "running"  # it could not say so; its heartbeat stops (test_annotate)
+    else:
+        how = {"SIGINT": "SIGINT (Ctrl-C)", "SIGTERM": "SIGTERM"}[sig]
+        assert (record["status"], record["error"]) == (
+            "interrupted",
+            f"interrupted by {how}; rerun the run id to resume",
+        )
+        assert "Traceback" not in proc.stderr.read().decode()
+
+
+def _own_mounts(script: str, env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``script`` in a mount namespace of its own (as the user it runs as), where it may mount a small or
+    read-only tmpfs that vanishes with it; skip where this kernel or sandbox allows no such namespace."""
+    import shutil
+
+    probe = shutil.which("unshare") and subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+    if not probe or probe.returncode != 0:
+        pytest.skip("needs `unshare -rm` (user and mount namespaces) to mount a full or read-only file system")
+    return subprocess.run(["unshare", "-rm", "sh", "-ec", script], env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+def test_an_unwritable_output_or_prefect_home_is_one_line_before_any_server_starts(tmp_path, sample_dir, model_path):
+    """The worker image with a volume its user cannot write: one line naming the place and exit 2, at once (Prefect
+    would retry starting its server in a home it cannot create, without end)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"FKD_MODEL": model_path}
+    fkd = f"{BIN / 'fkd'} annotate {sample_dir / 'images'}"
+    script = f"""mount -t tmpfs -o ro,size=1m tmpfs {ro}
+        t0=$(date +%s)
+        {fkd} {ro}/out 2>&1 && exit 9 || echo "exit $?"
+        PREFECT_HOME={ro}/prefect {fkd} {tmp_path}/out 2>&1 && exit 9 || echo "exit $?"
+        PREFECT_HOME={ro}/prefect timeout 60 {BIN / "fkd"} serve 2>&1 | tail -1
+        echo "took $(( $(date +%s) - t0 )) s" """
+    lines = _own_mounts(script, env).stdout.splitlines()
+    assert lines[:4] == [
+        f"fkd: output {ro}/out is not writable (its parent {ro}): Read-only file system (errno 30)",
+        "exit 2",
+        f"fkd: PREFECT_HOME {ro}/prefect is not writable (its parent {ro}): Read-only file system (errno 30); set "
+        "PREFECT_HOME to a writable directory, or PREFECT_API_URL to a Prefect server",
+        "exit 2",
+    ], lines
+    assert lines[4] == lines[2], lines  # `fkd serve` (Prefect's own server there) refuses it the same way
+    assert int(lines[5].split()[1]) < 90, lines  # a few seconds of imports each; no server, no retries
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_an_output_that_fills_up_or_turns_read_only_mid_run_is_one_line_and_leaves_no_temporary_file(
+    tmp_path, sample_dir, model_path, fault
+):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"FKD_MODEL": model_path}
+    run = f"{BIN / 'fkd'} annotate {sample_dir / 'images'} {disk}/out --shard-size 4 --run-id f"
+    if fault == "full":  # room for the plan and a few shards, not for all 15
+        script = f"mount -t tmpfs -o size=60k tmpfs {disk}\n{run} 2>{tmp_path}/err >/dev/null || echo $? >{tmp_path}/rc"
+    else:  # the volume is remounted read-only once two shards are written
+        script = f"""mount -t tmpfs -o size=50m tmpfs {disk}
+            (if {run} 2>{tmp_path}/err >/dev/null; then echo 0; else echo $?; fi >{tmp_path}/rc) &
+            while [ "$(ls {disk}/out/images/run_id=f 2>/dev/null | wc -l)" -lt 2 ]; do sleep 0.02; done
+            mount -o remount,ro {disk}
+            wait"""
+    script += f"\ncp -r {disk}/out {tmp_path}/seen"  # what the mount held, kept before it vanishes
+    done = _own_mounts(script, env)
+    assert (tmp_path / "rc").read_text().strip() == "2", done.stderr[-2000:]
+    errno_text = {"full": "No space left on device (errno 28)", "read-only": "Read-only file system (errno 30)"}[fault]
+    err = (tmp_path / "err").read_text().splitlines()
+    assert re.fullmatch(rf"fkd: cannot write {disk}/out/faces/run_id=f/part-\d+\.parquet: {re.escape(errno_text)}",
+                        err[-1]), err[-5:]  # fmt: skip
+    assert "Traceback" not in "\n".join(err)
+    seen = tmp_path / "seen"
+    assert not [p for p in seen.rglob("*") if p.name.endswith(".tmp")], "a temporary file stayed behind"
+    parts = {p.name for p in (seen / "images" / "run_id=f").iterdir()}
+    assert parts and len(parts) < 15 and parts == {p.name for p in (seen / "faces" / "run_id=f").iterdir()}
+    record = json.loads((seen / "runs" / "f.json").read_text())
+    if fault == "full":  # the leases' records made room for it
+        assert record["status"] == "failed" and errno_text in record["error"]
+        assert not list((seen / "locks").glob("*")), "the run's lock outlived it"
+    else:  # nothing could be written: the record stays running, and its heartbeat stops (test_annotate)
+        assert record["status"] == "running"
