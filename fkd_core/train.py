@@ -182,6 +182,8 @@ def fit(
     align: AlignPolicy | None = None,
     val_first: np.ndarray | None = None,
     device: str | torch.device = "cpu",
+    resume: dict | None = None,
+    on_state: Callable[[dict], None] | None = None,
 ) -> tuple[NaimishNet, History]:
     """Train NaimishNet on (crops, keypoints) arrays; returns the best-validation model and the history.
 
@@ -190,6 +192,10 @@ def fit(
     aligned by ``val_first`` (the first stage's validation keypoints, canonical-crop pixels), as at inference.
     ``device`` is where the model trains ("cuda" on a GPU machine); batches are sampled on the CPU either way
     and the model comes back on the CPU. Deterministic for a seed on a given device.
+
+    After each epoch ``on_state`` gets the whole training state (weights, optimiser, weight average, schedule,
+    early-stopping state, history and every random generator: :func:`training_state`); ``resume`` is such a state,
+    from which the run goes on as if it had never stopped (the same weights, bit for bit, as an uninterrupted run).
     """
     _check(params)
     seed_everything(params.seed)
@@ -207,7 +213,14 @@ def fit(
     rng = np.random.default_rng(params.seed)
     history = History()
     best_state, best_score, since_best = None, math.inf, 0
-    for epoch in range(1, params.epochs + 1):
+    first_epoch = 1
+    if resume is not None:
+        _check_resumable(resume, params, model.cfg, train, val)
+        _restore(resume, model, opt, sched, ema, rng, device)
+        history = History.from_dict(resume["history"])
+        best_state, best_score, since_best = resume["best_state"], resume["best_score"], resume["since_best"]
+        first_epoch = params.epochs + 1 if history.stopped_early else resume["epoch"] + 1
+    for epoch in range(first_epoch, params.epochs + 1):
         t0 = time.perf_counter()
         train_mse = _train_epoch(model, opt, sched, ema, train, params, inner, rng, align, device)
         kept, val_mse, val_nme, extra = _validate_epoch(model, ema, val, inner, align, val_first)
@@ -226,12 +239,73 @@ def fit(
             on_epoch(stats)
         if since_best >= params.patience:
             history.stopped_early = True
+        if on_state is not None:
+            on_state(training_state(epoch, params, model, opt, sched, ema, history, best_state, best_score,
+                                    since_best, rng, device, train, val))  # fmt: skip
+        if history.stopped_early:
             break
     if best_state is not None:
         model.load_state_dict(best_state)
     model = model.to(device="cpu", memory_format=torch.contiguous_format)
     model.eval()
     return model, history
+
+
+def _resume_key(params: FitConfig, model_cfg, train, val) -> dict:
+    """What a saved state must match to be resumed: the recipe, the network and the data's shapes."""
+    return {
+        "params": repr(params),
+        "model": repr(model_cfg),
+        "train": list(np.shape(train[0])) + list(np.shape(train[1])),
+        "val": list(np.shape(val[0])) + list(np.shape(val[1])),
+    }
+
+
+def training_state(
+    epoch, params, model, opt, sched, ema, history, best_state, best_score, since_best, rng, device, train, val
+) -> dict:
+    """Everything :func:`fit` needs to go on after ``epoch`` as if it had never stopped; tensors, numbers, strings
+    and lists only, so it loads with ``torch.load(..., weights_only=True)`` (no pickled code)."""
+    rng_state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
+    legacy = np.random.get_state()
+    rng_state["numpy_global"] = [legacy[0], torch.from_numpy(legacy[1].astype(np.int64)), *legacy[2:]]
+    if torch.device(device).type == "cuda":
+        rng_state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return {
+        "format": "fkd-train-state/1",
+        "key": _resume_key(params, model.cfg, train, val),
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "average": ema.state_dict() if ema is not None else None,
+        "history": history.to_dict(),
+        "best_state": best_state,
+        "best_score": best_score,
+        "since_best": since_best,
+        "rng": rng_state,
+    }
+
+
+def _check_resumable(state: dict, params: FitConfig, model_cfg, train, val) -> None:
+    if state.get("format") != "fkd-train-state/1" or state.get("key") != _resume_key(params, model_cfg, train, val):
+        raise ValueError("this training state is from another run (recipe, network or data differ)")
+
+
+def _restore(state: dict, model, opt, sched, ema, rng: np.random.Generator, device) -> None:
+    """Put the weights, optimiser, schedule, average and random generators back as ``state`` has them."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    if ema is not None:
+        ema.load_state_dict(state["average"])
+    rng.bit_generator.state = state["rng"]["numpy"]
+    rng_state = state["rng"]
+    torch.set_rng_state(rng_state["torch"])
+    kind, keys, *rest = rng_state["numpy_global"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in rng_state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(rng_state["cuda"], torch.device(device))
 
 
 def _check(params: FitConfig) -> None:

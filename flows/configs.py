@@ -147,6 +147,11 @@ class TrainConfig(BaseModel):
     align_side: float = Field(
         AlignPolicy().side, gt=1, le=10, description="Refining stage: crop side in RMS radii of the keypoints"
     )
+    resume: bool = Field(
+        True,
+        description="Go on from the last finished epoch of this same run (same options and data) if it was stopped; "
+        "its state is kept under <out_dir>/.train-state/ until the checkpoint is saved",
+    )
 
     def params(self) -> FitConfig:
         """The library's recipe with this config's choices."""

@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
+from fkd_core import resume
 from fkd_core.align import AlignPolicy
 from fkd_core.checkpoint import LoadedModel, load_checkpoint, save_new_checkpoint
 from fkd_core.detect import DetectorConfig
@@ -144,7 +145,10 @@ def train(cfg: TrainConfig) -> dict:
             s.lr,
             s.seconds,
         )
-        update_progress_artifact(progress, progress=100.0 * s.epoch / cfg.epochs)
+        progress_at(s.epoch)
+
+    def progress_at(epoch: int) -> None:
+        update_progress_artifact(progress, progress=100.0 * epoch / cfg.epochs)
 
     first = stage_one(cfg, policy)
     align, first_val = None, None
@@ -158,6 +162,16 @@ def train(cfg: TrainConfig) -> dict:
         first_nme = float(nme_per_face(first_val, val_xy[1]).mean()) if len(first_val) else float("nan")
         log.info("refining stage for %s (its val NME %.4f)", first.model_id, first_nme)
     start = start_model(load_checkpoint(cfg.init) if cfg.init else None, first, cfg.input_size)
+    # what decides the result: the same command on the same data resumes a stopped run (threads aside)
+    key = cfg.model_dump(exclude={"force", "resume", "threads"}) | {"data": fingerprint["sha256"]}
+    key |= {"start": [load_checkpoint(u).model_id for u in (cfg.init, cfg.refine_of) if u]}
+    state_at = resume.state_uri(cfg.out_dir, cfg.name, key)
+    state, why_not = resume.load_state(state_at) if cfg.resume else (None, None)
+    if why_not:
+        log.warning(why_not)
+    if state is not None:
+        log.info("resuming after epoch %d of a stopped run (state %s)", state["epoch"], state_at)
+        progress_at(state["epoch"])
     model, history = fit(
         train_xy,
         val_xy,
@@ -169,6 +183,8 @@ def train(cfg: TrainConfig) -> dict:
         align=align,
         val_first=first_val,
         device=cfg.device,
+        resume=state,
+        on_state=lambda st: resume.save_state(state_at, st),
     )
     update_progress_artifact(progress, progress=100.0)
     best = history.best
@@ -186,6 +202,7 @@ def train(cfg: TrainConfig) -> dict:
     create_table_artifact(key="train-history", table=rows, description=f"{cfg.name}: MSE per epoch")
 
     meta = checkpoint_record(cfg, fingerprint, inner, history, time.perf_counter() - t0)
+    meta["train"]["resumed_after_epoch"] = state["epoch"] if state is not None else None
     detector = DetectorConfig.from_record(fingerprint["detector"]) if fingerprint["detector"] else DetectorConfig()
     packed = pack_trained(
         model,
@@ -203,6 +220,7 @@ def train(cfg: TrainConfig) -> dict:
         log.info("float16 changes val NME %.5f -> %.5f: storing float32", best.val_nme, packed.doc["float16_val_nme"])
     model_id = packed.model_id
     weights = save_new_checkpoint(packed, cfg.out_dir, force=cfg.force)
+    resume.remove_state(state_at)  # the run is done: nothing to resume
     png = loss_curve_png(*loss_curves(history, cfg.ema_decay))
     write_bytes(png, f"{cfg.out_dir.rstrip('/')}/{model_id}_loss.png")
     log.info("saved %s as %s (best epoch %d, val NME %.4f)", model_id, weights, history.best_epoch, best.val_nme)

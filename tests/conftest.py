@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.services"]  # services the tests start end with the session, however it ends
+
 # Must be set before prefect is imported anywhere.
 _PREFECT_HOME = tempfile.mkdtemp(prefix="fkd-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME

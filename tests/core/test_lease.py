@@ -192,7 +192,7 @@ def test_on_wait_and_timeout_name_the_holder(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(LeaseHeld) as e:
         b.acquire(poll=0.1, timeout=0.5, on_wait=lambda rec, waited: seen.append((rec["holder"], waited)))
-    assert 0.5 <= time.monotonic() - t0 < 3.0
+    assert 0.5 <= time.monotonic() - t0 < 10.0  # the timeout, not forever (a loaded machine polls late)
     assert e.value.holder == holder and e.value.waited >= 0.5 and e.value.record["generation"] == 1
     assert 3 <= len(seen) <= 7, seen
     assert all(h == holder for h, _ in seen)
@@ -317,8 +317,8 @@ def test_a_corrupt_lock_file_does_not_wedge_the_lease(tmp_path, content):
     assert "unreadable" in lease.last_holder
     seen = []
     t0 = time.monotonic()
-    lease.acquire(poll=0.1, timeout=5, on_wait=lambda rec, waited: seen.append(rec))
-    assert time.monotonic() - t0 < 4.0  # about the ttl
+    lease.acquire(poll=0.1, timeout=20, on_wait=lambda rec, waited: seen.append(rec))
+    assert time.monotonic() - t0 < 15.0  # about the ttl (0.6 s), with room for a loaded machine
     assert seen and seen[0]["unreadable"]
     assert lease.generation == 4
     assert _files(tmp_path)[4]["holder"] == {"run_id": "new"}
@@ -459,7 +459,7 @@ def test_a_record_claiming_a_far_expiry_binds_only_ttl_after_it_last_changed(tmp
     seen: list[dict] = []
     t0 = time.monotonic()
     lease.acquire(poll=0.1, timeout=20, on_wait=lambda r, waited: seen.append(r))
-    assert 0.5 <= time.monotonic() - t0 < 5.0 and lease.generation == 5
+    assert 0.5 <= time.monotonic() - t0 < 15.0 and lease.generation == 5  # the ttl, not 2099
     # while it waited it said the real deadline, and what the record claimed
     assert seen[0]["claimed_expires_at"].startswith("2099") and seen[0]["expires_at"] < "2098"
 
@@ -473,7 +473,7 @@ def test_an_unreadable_record_dated_in_the_future_expires_like_any_other(tmp_pat
     assert not lease.try_acquire()  # it may be a writer's first bytes: held for now
     t0 = time.monotonic()
     lease.acquire(poll=0.1, timeout=20)
-    assert time.monotonic() - t0 < 5.0 and lease.generation == 3
+    assert time.monotonic() - t0 < 15.0 and lease.generation == 3  # the ttl, not 2099
 
 
 def test_a_live_holder_that_renews_is_never_taken_over(tmp_path):

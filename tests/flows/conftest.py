@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
+from tests.services import spawn
 
 BIN = Path(sys.executable).parent
 PG_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15 package
@@ -79,11 +80,10 @@ def s3_server(tmp_path_factory):
     """A moto S3 server on 127.0.0.1; sets the standard AWS variables so s3fs (and subprocesses) use it."""
     port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    proc = subprocess.Popen(
+    proc = spawn(
         [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         stdout=log,
         stderr=subprocess.STDOUT,
-        start_new_session=True,
     )
     endpoint = f"http://127.0.0.1:{port}"
     saved = {
@@ -130,16 +130,15 @@ def dask_cluster(tmp_path_factory):
     procs = []
     try:
         procs.append(
-            subprocess.Popen(
+            spawn(
                 [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
                 stdout=open(logdir / "scheduler.log", "w"),
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
             )
         )
         for i in range(2):
             procs.append(
-                subprocess.Popen(
+                spawn(
                     [
                         str(BIN / "dask"),
                         "worker",
@@ -156,7 +155,6 @@ def dask_cluster(tmp_path_factory):
                     ],
                     stdout=open(logdir / f"worker{i}.log", "w"),
                     stderr=subprocess.STDOUT,
-                    start_new_session=True,
                 )
             )
         from distributed import Client
@@ -238,13 +236,13 @@ def postgres_url():
         pwfile.unlink()
         assert out.returncode == 0, f"initdb failed:\n{out.stdout}\n{out.stderr}"
         with open(base / "postgres.log", "w") as log:
-            proc = subprocess.Popen(
+            proc = spawn(
                 [str(PG_BIN / "postgres"), "-D", str(data), "-p", str(port), "-k", str(base)]
                 + ["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off"],
                 cwd=base,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
+                stop_signal=signal.SIGINT,  # PostgreSQL's fast shutdown, should pytest die first
                 **_AS_POSTGRES,
             )
         deadline = time.monotonic() + 60
@@ -311,12 +309,11 @@ def start_prefect_server(
         }
     )
     with open(tmp_path / "server.log", "w") as log:
-        proc = subprocess.Popen(
+        proc = spawn(
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
     api_url = f"http://127.0.0.1:{port}/api"
     try:

@@ -18,6 +18,7 @@ from fkd_core.parquet_io import output_tables
 from fkd_core.runs import list_runs, read_run
 from tests.conftest import ROOT, SHARED_DATA
 from tests.flows.conftest import BIN, start_prefect_server, stop
+from tests.services import spawn
 
 pytestmark = [pytest.mark.flows, pytest.mark.server]
 
@@ -49,13 +50,12 @@ class Serve:
 
     def __init__(self, tmp: Path, env: dict[str, str], *args: str) -> None:
         self.log = tmp / f"serve-{time.monotonic_ns()}.log"
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [str(BIN / "fkd"), "serve", *args],
             env=env,
             cwd=tmp,
             stdout=open(self.log, "w"),
             stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
 
     def tail(self) -> str:
@@ -239,7 +239,9 @@ def test_sigterm_stops_serve_fast_and_the_interrupted_run_resumes_and_a_killed_o
     os.kill(serve.proc.pid, signal.SIGTERM)
     serve.proc.wait(timeout=30)
     stopped_in = time.monotonic() - t0
-    assert stopped_in < 10, f"fkd serve took {stopped_in:.1f} s to stop:\n{serve.tail()}"
+    # it stops after STOP_GRACE_SECONDS at most (about 7 s idle, printed below); compose allows 30 s, and a
+    # loaded machine needs room
+    assert stopped_in < 20, f"fkd serve took {stopped_in:.1f} s to stop:\n{serve.tail()}"
     state = flow_run(server, run)["state"]
     assert state["type"] == "SCHEDULED", state  # back in the queue, not Running forever nor Cancelled
     (record,) = list_runs(str(out))
@@ -265,7 +267,7 @@ def test_sigterm_stops_serve_fast_and_the_interrupted_run_resumes_and_a_killed_o
         serve.proc.wait(timeout=30)
         killed_at = time.monotonic()
         # the last heartbeat was at most 30 s before the kill; the automation waits three beats after it
-        wait_state(server, run2, {"CRASHED"}, 150)
+        wait_state(server, run2, {"CRASHED"}, 240)  # 120 s idle; room for a loaded machine
         crashed_after = time.monotonic() - killed_at
         print(f"fkd serve stopped by SIGTERM in {stopped_in:.1f} s; a killed run Crashed {crashed_after:.0f} s after")
         (record,) = list_runs(str(out2))
@@ -302,13 +304,12 @@ def _check_pool_deployments(server) -> None:
 
 def _run_on_the_pool(server, env: dict, work: Path, tmp_path: Path, sample_dir: Path, model_path: str) -> None:
     """A worker where fkd is installed, started outside the checkout, runs the on-demand deployment."""
-    worker = subprocess.Popen(
+    worker = spawn(
         [str(BIN / "prefect"), "worker", "start", "--pool", "fkd-cpu"],
         env=env,
         cwd=work,
         stdout=open(tmp_path / "worker.log", "w"),
         stderr=subprocess.STDOUT,
-        start_new_session=True,
     )
     try:
         out = tmp_path / "pool-out"

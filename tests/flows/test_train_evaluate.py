@@ -1,5 +1,6 @@
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -235,3 +236,44 @@ def test_the_readmes_retrain_and_promote_commands_run_as_written(tmp_path):
     bash(rest[1] + "\n.venv/bin/fkd annotate data/sample/photos out/promoted")
     faces = output_tables(str(tmp_path / "out" / "promoted"))["faces"].to_table()
     assert faces.num_rows > 0 and set(faces.column("model_id").to_pylist()) == {weights.stem}
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_training_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(tmp_path, examples):
+    """`fkd train` killed outright after its first epoch; the same command again goes on from that epoch (its
+    weights, optimiser, average, schedule and random generators) and writes the very checkpoint (same weights
+    hash) an uninterrupted run writes."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.flows.conftest import BIN
+
+    opts = ["--epochs", "3", "--batch-size", "16", "--seed", "5", "--threads", "1", "--shift", "0.05"]
+    cmd = [str(BIN / "fkd"), "train", examples, "--out-dir", str(tmp_path / "m"), *opts]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_LOGGING_LEVEL": "INFO"}
+    states = tmp_path / "m" / ".train-state"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while not (states.is_dir() and any(p.suffix == ".pt" for p in states.iterdir())):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first epoch's state"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert not list((tmp_path / "m").glob("*.safetensors"))
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert re.search(r"resuming after epoch [12] of a stopped run", again.stderr), again.stderr[-3000:]
+    resumed = json.loads(again.stdout)
+    whole = train(examples=examples, out_dir=str(tmp_path / "whole"), epochs=3, batch_size=16, seed=5, threads=1,
+                  shift=0.05)  # fmt: skip
+    assert resumed["model_id"] == whole["model_id"]  # bit-identical weights
+    doc = json.loads(Path(resumed["weights"]).with_suffix(".json").read_text())
+    assert doc["train"]["resumed_after_epoch"] in (1, 2) and len(doc["history"]["epochs"]) == 3
+    assert not list(states.iterdir()), "the finished run left its state behind"
