@@ -85,3 +85,27 @@ def test_normalise_round_trip_and_range():
     n = normalise(xy, 96)
     assert n[0, 0] == pytest.approx(-1.0) and n[0, 1] == pytest.approx(1.0) and n[1, 0] == pytest.approx(0.0)
     assert np.allclose(denormalise(n, 96), xy)
+
+
+def test_crop_transform_follows_the_pixel_centre_convention_absolutely():
+    """Image pixel i has its centre at i and covers [i - 0.5, i + 0.5); the square's edges are the crop's. So the
+    centre of the square's first image pixel is the crop's first pixel centre when the scale is 1, and the square's
+    edges land on the crop's edges (-0.5 and size - 0.5) at any scale. (A round trip cannot see a wrong offset.)"""
+    t = crop_transform(Square(10.0, 20.0, 100.0), 50)
+    edges = t.to_crop(np.array([[9.5, 19.5], [109.5, 119.5], [59.5, 69.5]]))
+    np.testing.assert_allclose(edges, [[-0.5, -0.5], [49.5, 49.5], [24.5, 24.5]], atol=1e-12)
+    one = crop_transform(Square(10.0, 20.0, 50.0), 50)
+    np.testing.assert_allclose(one.to_crop(np.array([[10.0, 20.0], [59.0, 69.0]])), [[0, 0], [49, 49]], atol=1e-12)
+
+
+@pytest.mark.parametrize("side", [400.0, 613.0])  # shrink 4.2 and 6.4: the INTER_AREA pre-shrink path
+def test_a_pre_shrunk_crop_puts_a_smooth_blob_where_the_transform_says_within_a_twentieth_of_a_pixel(side):
+    yy, xx = np.mgrid[0:800, 0:900]
+    centre = np.array([437.3, 401.6])
+    img = (250 * np.exp(-((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2) / (2 * 30.0**2))).astype(np.uint8)
+    square = Square(centre[0] - side / 2 + 13.1, centre[1] - side / 2 - 7.7, side)
+    crop, t = crop_square(img, square, 96)
+    ys, xs = np.mgrid[0:96, 0:96]
+    w = crop.astype(float)
+    centroid = np.array([(xs * w).sum() / w.sum(), (ys * w).sum() / w.sum()])
+    assert np.abs(centroid - t.to_crop(centre)).max() < 0.05

@@ -134,6 +134,8 @@ def test_faces_without_heads_have_no_trust_probabilities_but_keep_pose_and_score
 @pytest.fixture(scope="module")
 def val_frames() -> list[np.ndarray]:
     csv = SHARED_DATA / "facial-keypoints" / "training_frames_keypoints.csv"
+    if not csv.is_file():
+        pytest.skip(f"needs the full training set beside the checkout ({csv}); the bundled-sample test covers less")
     with open(csv, newline="") as f:
         rows = [r for r in parse_keypoints_csv(f) if isinstance(r, LabelledRow)]
     val = [r for r in rows if assign_split(r.image_id) == "val"][::12]  # 46 frames of people never trained on
@@ -144,13 +146,26 @@ def val_frames() -> list[np.ndarray]:
 def test_the_shipped_heads_tell_faces_from_the_boxes_on_the_same_frames_turned(val_frames):
     """face_prob keeps the upright faces of unseen people and rejects the cascade's boxes on the same frames turned
     a quarter, a half and three quarters, which hold no upright face."""
+    kept, rejected = _kept_and_rejected(val_frames)
+    assert kept >= 0.95 and rejected >= 0.75, (kept, rejected)
+
+
+def _kept_and_rejected(frames: list[np.ndarray]) -> tuple[float, float]:
+    """The shares of the frames' upright faces that face_prob keeps, and of the cascade's boxes on the same frames
+    turned a quarter, a half and three quarters (no upright face there) that it rejects."""
     pred = Predictor.from_checkpoint(DEFAULT_MODEL)
-    upright = [f for faces in pred.predict(val_frames) for f in faces]
-    turned = [np.ascontiguousarray(np.rot90(g, k)) for g in val_frames for k in (1, 2, 3)]
+    upright = [f for faces in pred.predict(frames) for f in faces]
+    turned = [np.ascontiguousarray(np.rot90(g, k)) for g in frames for k in (1, 2, 3)]
     false = [f for faces in pred.predict(turned) for f in faces]
-    assert len(upright) >= len(val_frames) and len(false) >= 10
-    kept = np.mean([f.face_prob >= 0.5 for f in upright])
-    rejected = np.mean([f.face_prob < 0.5 for f in false])
+    assert len(upright) >= len(frames) and len(false) >= 10
+    return float(np.mean([f.face_prob >= 0.5 for f in upright])), float(np.mean([f.face_prob < 0.5 for f in false]))
+
+
+def test_the_shipped_heads_read_their_inputs_in_the_order_they_were_fitted_on(sample_dir):
+    """The same check on the bundled sample (fast, no data outside the repository): fed the stages' features in
+    another order than ``trust.inputs`` had when the heads were fitted, face_prob keeps under half the faces."""
+    frames = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted((sample_dir / "images").iterdir())]
+    kept, rejected = _kept_and_rejected(frames)
     assert kept >= 0.95 and rejected >= 0.75, (kept, rejected)
 
 

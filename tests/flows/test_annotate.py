@@ -413,6 +413,13 @@ def test_a_quiet_incremental_rerun_from_the_cli_prints_no_traceback(tmp_path, sa
     assert [json.loads(r.stdout)["counts"]["images"] for r in runs] == [3, 0]
     assert [json.loads(r.stdout)["skipped_existing"] for r in runs] == [0, 3]  # the summary says why nothing ran
     assert "Traceback" not in runs[1].stderr and "ERROR" not in runs[1].stderr, runs[1].stderr[-2000:]
+    # each run released its leases on the way out (not merely left them to a dead PID or a ttl): the newest
+    # record of every lease says released
+    newest: dict[str, Path] = {}
+    for rec in sorted((tmp_path / "out" / "locks").glob("*.json")):
+        newest[rec.name.rsplit(".", 2)[0]] = rec
+    assert {"incremental"} <= set(newest) and len(newest) == 3  # the output's lease and each run's own
+    assert all(json.loads(rec.read_text()).get("released") is True for rec in newest.values()), newest
 
 
 def test_a_run_given_no_model_serves_only_fkd_model_or_the_packaged_one(tmp_path, sample_dir, monkeypatch):
