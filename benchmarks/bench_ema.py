@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from fkd_core.examples import CANONICAL_MARGIN, inner_fraction
+from fkd_core.geometry import CANONICAL_MARGIN, inner_fraction
 from fkd_core.parquet_io import read_examples
 from fkd_core.train import FitConfig, fit
 

@@ -42,6 +42,7 @@ from fkd_core.geometry import keypoint_extent_box
 from fkd_core.metrics import nme_per_face
 from fkd_core.plots import risk_coverage_png
 from fkd_core.predict import Predictor
+from fkd_core.types import FAILURE_NME
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "facial-keypoints"
@@ -279,7 +280,7 @@ def fit_quality(d: dict, args: argparse.Namespace, report: dict) -> tuple[tr.Hea
     space = Space(d, 0, args.quality_pcs)
     train = np.flatnonzero((split == "train") & (kind == "face"))
     val = np.flatnonzero((split == "val") & (kind == "face"))
-    failed_t, failed = nme[train] > tr.FAILURE_NME, nme[val] > tr.FAILURE_NME
+    failed_t, failed = nme[train] > FAILURE_NME, nme[val] > FAILURE_NME
 
     def oof(folds: np.ndarray, cols: list[int] | None = None, drop: int | None = None) -> np.ndarray:
         xt, xv = space.x(train, drop), space.x(val, drop)

@@ -115,7 +115,7 @@ def run(data: str, name: str, out: str, device: str = "cuda") -> None:
 
     from fkd_core.align import AlignPolicy
     from fkd_core.checkpoint import load_checkpoint
-    from fkd_core.examples import inner_fraction
+    from fkd_core.geometry import inner_fraction
     from fkd_core.metrics import PROFILE_YAW, yaw
     from fkd_core.train import FitConfig, fit, predict_canonical
 
@@ -175,7 +175,7 @@ def seconds_per_epoch(data: str, device: str) -> dict:
     import torch
 
     from fkd_core.align import AlignPolicy
-    from fkd_core.examples import inner_fraction
+    from fkd_core.geometry import inner_fraction
     from fkd_core.train import FitConfig, fit
 
     train, val = load(data, "person")
@@ -198,8 +198,7 @@ def ensemble_nme(data: str, out: str, names: list[str], device: str) -> float:
 
     from fkd_core.align import AlignPolicy, refine_passes
     from fkd_core.checkpoint import load_checkpoint
-    from fkd_core.examples import inner_fraction
-    from fkd_core.geometry import denormalise
+    from fkd_core.geometry import denormalise, inner_fraction
     from fkd_core.metrics import nme_per_face
     from fkd_core.model import NaimishNet
     from fkd_core.train import predict_canonical
@@ -301,7 +300,7 @@ def assemble(
 
     from fkd_core.align import AlignPolicy
     from fkd_core.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
-    from fkd_core.examples import CANONICAL_MARGIN, inner_fraction
+    from fkd_core.geometry import CANONICAL_MARGIN, inner_fraction
     from fkd_core.model import NaimishNet
     from fkd_core.parquet_io import read_examples
     from fkd_core.train import History

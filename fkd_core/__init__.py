@@ -8,7 +8,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "ShardConfig": "fkd_core.annotate",
-    "annotate_shard": "fkd_core.annotate",
+    "annotate_to_tables": "fkd_core.annotate",
     "DEFAULT_MODEL": "fkd_core.checkpoint",
     "LoadedModel": "fkd_core.checkpoint",
     "load_checkpoint": "fkd_core.checkpoint",

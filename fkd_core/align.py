@@ -21,11 +21,8 @@ import cv2
 import numpy as np
 
 from fkd_core.augment import jitter_intensity
-from fkd_core.examples import CANONICAL_MARGIN, CANONICAL_SIZE
-from fkd_core.geometry import affine_points, normalise
-
-LEFT_EYE = slice(36, 42)  # iBUG 300-W: points 36-41 are the subject's right eye (image left)
-RIGHT_EYE = slice(42, 48)
+from fkd_core.geometry import CANONICAL_MARGIN, CANONICAL_SIZE, affine_points, normalise
+from fkd_core.types import IMAGE_LEFT_EYE, IMAGE_RIGHT_EYE
 
 
 @dataclass(frozen=True)
@@ -88,7 +85,7 @@ def alignment_of(keypoints: np.ndarray) -> Alignment:
     kp = np.asarray(keypoints, np.float64)
     c = kp.mean(axis=0)
     radius = float(np.sqrt(np.mean(np.sum((kp - c) ** 2, axis=1))))
-    d = kp[RIGHT_EYE].mean(axis=0) - kp[LEFT_EYE].mean(axis=0)
+    d = kp[IMAGE_RIGHT_EYE].mean(axis=0) - kp[IMAGE_LEFT_EYE].mean(axis=0)
     angle = float(math.atan2(d[1], d[0]))
     return Alignment(float(c[0]), float(c[1]), max(radius, 1e-3), angle)
 

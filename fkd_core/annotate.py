@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from fkd_core.errors import ImageError
+from fkd_core.errors import FkdError, ImageError
 from fkd_core.image_io import DEFAULT_MAX_PIXELS, decode_gray, sha256_hex
 from fkd_core.parquet_io import keypoint_column
 from fkd_core.predict import Face, Located, Predictor
@@ -100,18 +101,25 @@ def read_window(s: ShardConfig) -> int:
 MODEL_THREADS = 1
 
 
+class ShardCancelled(FkdError):
+    """The run is stopping (interrupted, or another shard failed): a shard still running gives up at its next
+    file, and writes nothing."""
+
+
 def annotate_images(
     reads: Iterable[tuple[str, bytes | ImageError]],
     predictor: Predictor,
     s: ShardConfig = ShardConfig(),
     progress: Callable[[int, int], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> list[_Image]:
     """Annotate files given as ``(uri, bytes or the error reading them raised)``, in order (``storage.iter_read``
     streams them): threads decode and detect; the model runs batched on every ``s.model_every`` images as they come,
     on a thread of its own, while the next images are decoded and detected.
 
     Running the model as images come (instead of once per shard) keeps only a few batches of crops in memory and
-    lets ``progress(n, faces)`` report images that are really done, ``n`` at a time, with their faces.
+    lets ``progress(n, faces)`` report images that are really done, ``n`` at a time, with their faces. Once
+    ``stop`` is set, the next file raises :class:`ShardCancelled`.
     """
     threads = s.threads or os.cpu_count() or 1
     window = read_window(s)
@@ -138,6 +146,8 @@ def annotate_images(
     with ThreadPoolExecutor(1) as model, ThreadPoolExecutor(threads) as pool:
         pending: deque = deque()
         for u, d in reads:
+            if stop is not None and stop.is_set():
+                raise ShardCancelled("the run is stopping")
             pending.append(pool.submit(_prepare, u, d, predictor, s))
             if len(pending) >= window:
                 take(pending.popleft().result(), model)
@@ -152,7 +162,7 @@ def annotate_images(
 def _run_model(images: list[_Image], predictor: Predictor) -> None:
     """Keypoints, in original pixels, for every face of ``images`` (one batched pass per stage); frees the crops."""
     waiting = [im for im in images if im.located is not None]
-    for im, faces in zip(waiting, predictor.keypoints([im.located for im in waiting]), strict=True):
+    for im, faces in zip(waiting, predictor.faces_of([im.located for im in waiting]), strict=True):
         im.faces = faces
         im.located = None
 
@@ -211,12 +221,13 @@ class ShardOutput:
     counts: ShardCounts
 
 
-def annotate_shard(
+def annotate_to_tables(
     reads: Iterable[tuple[str, bytes | ImageError]],
     predictor: Predictor,
     s: ShardConfig = ShardConfig(),
     progress: Callable[[int, int], None] | None = None,
     versions: list[str | None] | None = None,
+    stop: threading.Event | None = None,
 ) -> ShardOutput:
     """Annotate one shard's files, given as ``(uri, bytes or error)`` in order, into its tables; no storage I/O
     (the annotate flow's task reads with ``storage.iter_read`` and writes the parts, ``faces`` first).
@@ -224,7 +235,7 @@ def annotate_shard(
     ``versions`` (one per file, as listed) go into the images table, so ``--incremental`` sees replaced files.
     """
     t0 = time.perf_counter()
-    images = annotate_images(reads, predictor, s, progress)
+    images = annotate_images(reads, predictor, s, progress, stop)
     for im, v in zip(images, versions or [None] * len(images), strict=True):
         im.version = v
     img_tbl, face_tbl = tables(images, predictor.model_id, dt.datetime.now(dt.UTC))

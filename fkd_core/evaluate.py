@@ -16,12 +16,12 @@ from fkd_core.errors import ImageError
 from fkd_core.examples import LabelledRow
 from fkd_core.geometry import crop_transform, normalise, square_from_box
 from fkd_core.image_io import decode_gray
-from fkd_core.metrics import mse, nme_per_face, yaw
+from fkd_core.metrics import by_pose, mse, nme_per_face, summarise, yaw
 from fkd_core.parquet_io import keypoint_column
 from fkd_core.plots import draw_faces, montage
 from fkd_core.plots import risk_coverage_png as risk_coverage_png_of
 from fkd_core.predict import Face, Located, Predictor
-from fkd_core.types import Box
+from fkd_core.types import FAILURE_NME, Box
 
 EVAL_SCHEMA = pa.schema(
     [
@@ -82,7 +82,7 @@ def evaluate_rows(
             results[image_id] = [FaceResult(r, "error", error=str(e)) for r in by_image[image_id]]
             continue
         found.append((image_id, predictor.locate(gray)))
-    for (image_id, loc), faces in zip(found, predictor.keypoints([loc for _, loc in found]), strict=True):
+    for (image_id, loc), faces in zip(found, predictor.faces_of([loc for _, loc in found]), strict=True):
         results[image_id] = [_score(r, loc, faces, predictor) for r in by_image[image_id]]
     missing = set(by_image) - set(results)
     if missing:
@@ -198,7 +198,7 @@ def trust_metrics(results: list[FaceResult], face_threshold: float | None) -> di
     if not matched:
         return {}
     quality = np.array([r.face.quality for r in matched])
-    failed = np.array([r.nme > tr.FAILURE_NME for r in matched])
+    failed = np.array([r.nme > FAILURE_NME for r in matched])
     out = {"quality_auroc": tr.auroc(quality, failed)}  # NaN (null in JSON) without both failures and successes
     for cov in (0.8, 0.9, 1.0):
         out[f"fr@0.10 at {cov:.0%} coverage"] = tr.failure_rate_at(quality, failed, cov)
@@ -213,3 +213,38 @@ def risk_coverage_png(results: list[FaceResult], title: str) -> bytes | None:
     if not matched:
         return None
     return risk_coverage_png_of(np.array([r.face.quality for r in matched]), np.array([r.nme for r in matched]), title)
+
+
+def split_settings(
+    loaded, split_by: str | None, val_fraction: float | None, seed: int | None
+) -> tuple[str, float, int]:
+    """How to split the labelled rows: as given, else as the checkpoint's training data was split (its record),
+    else by person, 15 % held out, seed 0."""
+    recorded = (loaded.meta.get("data") or {}).get("split") or {}
+    return (
+        split_by or recorded.get("split_by") or "person",
+        val_fraction if val_fraction is not None else recorded.get("val_fraction", 0.15),
+        seed if seed is not None else recorded.get("seed", 0),
+    )
+
+
+def score_summary(results: list[FaceResult], refused_rows: int) -> tuple[dict, list[dict]]:
+    """The run's metrics (NME, failure rate, MSE, matched/missed, errors, refused rows) and the same by pose (the
+    yaw of the labelled points): where the failures are, frontal faces or turned heads."""
+    matched = [r for r in results if r.status == "matched"]
+    metrics = summarise(np.array([r.nme for r in matched]), len(results))
+    metrics["mse"] = float(np.mean([r.mse for r in matched])) if matched else float("nan")
+    metrics["errors"] = sum(r.status == "error" for r in results)
+    metrics["refused_rows"] = refused_rows
+    pose = by_pose(np.array([r.nme if r.status == "matched" else np.nan for r in results]), face_yaw(results))
+    return metrics, pose
+
+
+def cross_validated_auroc(loaded, detector: str | None) -> float | None:
+    """The cross-validated (person-grouped folds) quality AUROC recorded when the trust heads of ``detector``'s
+    path (the checkpoint's own, or another detector's) were fitted; None if none is recorded."""
+    alt = loaded.detectors.get(detector) if detector else None
+    fitted = alt.fitted.get("trust") if alt is not None else loaded.meta.get("trust")
+    report = (fitted or {}).get("report") or {}
+    folds = report.get("quality", {}).get("person-grouped folds")
+    return folds["auroc"] if folds else None

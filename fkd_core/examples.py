@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -16,13 +15,16 @@ import numpy as np
 
 from fkd_core.detect import match_box
 from fkd_core.errors import RowError
-from fkd_core.geometry import CropPolicy, Square, crop_square, enlarge, keypoint_extent_box, square_from_box
+from fkd_core.geometry import (
+    CANONICAL_MARGIN,
+    CANONICAL_SIZE,
+    CropPolicy,
+    canonical_square,
+    crop_square,
+    keypoint_extent_box,
+)
 from fkd_core.types import NUM_KEYPOINTS, Box
 
-# The canonical crop stored at ingestion covers CANONICAL_MARGIN times the model's crop square, so training
-# can jitter scale and shift without running out of pixels; its size makes the inner square exactly 96 px.
-CANONICAL_MARGIN = 1.5
-CANONICAL_SIZE = 144
 # A point more than this fraction of the image size outside the image is refused as "far outside".
 OUTSIDE_TOLERANCE = 0.10
 
@@ -173,11 +175,6 @@ class Example:
     keypoints: np.ndarray  # (68, 2) float32, canonical-crop pixels
 
 
-def canonical_square(box: Box, policy: CropPolicy = CropPolicy(), margin: float = CANONICAL_MARGIN) -> Square:
-    """The region stored at ingestion: the model's crop square, enlarged by ``margin``."""
-    return enlarge(square_from_box(box, policy), margin)
-
-
 def make_example(
     gray: np.ndarray,
     keypoints: np.ndarray,
@@ -189,10 +186,3 @@ def make_example(
     """Crop the canonical region around ``box`` with the one crop function and map the keypoints into it."""
     crop, t = crop_square(gray, canonical_square(box, policy, margin), size)
     return Example(crop, t.to_crop(keypoints).astype(np.float32))
-
-
-def inner_fraction(margin: float = CANONICAL_MARGIN) -> float:
-    """Side of the model's crop square as a fraction of the canonical crop."""
-    if not math.isfinite(margin) or margin < 1:
-        raise ValueError("margin must be >= 1")
-    return 1.0 / margin

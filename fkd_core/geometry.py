@@ -7,6 +7,7 @@ the image (padded with zeros beyond the borders) resized to ``size`` pixels. Its
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -139,3 +140,22 @@ def normalise(xy_crop: np.ndarray, size: int) -> np.ndarray:
 def denormalise(xy_norm: np.ndarray, size: int) -> np.ndarray:
     """[-1, 1] -> crop pixels; the inverse of :func:`normalise`."""
     return (xy_norm + 1.0) / 2.0 * size - 0.5
+
+
+# The canonical crop stored at ingestion covers CANONICAL_MARGIN times the model's crop square, so training
+# can jitter scale and shift without running out of pixels; its size makes the inner square exactly 96 px.
+# Ingest cuts it, training samples the model's crop from it, inference cuts it again (predict, align).
+CANONICAL_MARGIN = 1.5
+CANONICAL_SIZE = 144
+
+
+def canonical_square(box: Box, policy: CropPolicy = CropPolicy(), margin: float = CANONICAL_MARGIN) -> Square:
+    """The region stored at ingestion: the model's crop square, enlarged by ``margin``."""
+    return enlarge(square_from_box(box, policy), margin)
+
+
+def inner_fraction(margin: float = CANONICAL_MARGIN) -> float:
+    """Side of the model's crop square as a fraction of the canonical crop."""
+    if not math.isfinite(margin) or margin < 1:
+        raise ValueError("margin must be >= 1")
+    return 1.0 / margin

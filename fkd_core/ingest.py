@@ -10,22 +10,21 @@ import numpy as np
 import pyarrow as pa
 
 from fkd_core.detect import DetectorConfig, detect_faces
-from fkd_core.errors import ImageError
+from fkd_core.errors import ImageError, RowError
 from fkd_core.examples import (
-    CANONICAL_MARGIN,
-    CANONICAL_SIZE,
     BoxMapping,
     LabelledRow,
     assign_split,
     check_inside,
     make_example,
+    parse_keypoints_csv,
     person_of,
     pick_haar_box,
 )
-from fkd_core.geometry import CropPolicy, keypoint_extent_box
+from fkd_core.geometry import CANONICAL_MARGIN, CANONICAL_SIZE, CropPolicy, inner_fraction, keypoint_extent_box
 from fkd_core.image_io import decode_gray, sha256_hex
 from fkd_core.parquet_io import EXAMPLES_SCHEMA, keypoint_column
-from fkd_core.storage import read_under
+from fkd_core.storage import open_text, read_under
 from fkd_core.types import Box
 
 
@@ -140,3 +139,37 @@ def ingest_misses(
         out.add(row, w, h, sha, gray, mapping.box_for(row.keypoints), "keypoints", s)
     res.written = len(out)
     return res, (out.table() if len(out) else None)
+
+
+def read_labelled_csv(uri: str) -> tuple[list[LabelledRow], list[str]]:
+    """A keypoints CSV parsed as it streams (line by line): its valid rows, and each refused row's reason (naming
+    the file and the row)."""
+    rows, refused = [], []
+    with open_text(uri) as f:
+        for item in parse_keypoints_csv(f, source=uri.rsplit("/", 1)[-1]):
+            (refused.append(str(item)) if isinstance(item, RowError) else rows.append(item))
+    return rows, refused
+
+
+@dataclass(frozen=True)
+class CropRecord:
+    """How an examples dataset's crops were cut, as its ingest report records it: what training must sample from
+    them (``inner``, the refining stage's context margin) and what the checkpoint must carry (the crop policy and
+    the detector its inference must use). A report from before these were recorded means the defaults."""
+
+    policy: CropPolicy = CropPolicy()
+    canonical_margin: float = CANONICAL_MARGIN
+    detector: DetectorConfig = DetectorConfig()
+
+    @property
+    def inner(self) -> float:
+        """The model's crop square as a fraction of the canonical crop."""
+        return inner_fraction(self.canonical_margin)
+
+    @classmethod
+    def from_report(cls, report: dict) -> CropRecord:
+        return cls(
+            CropPolicy(**report["crop_policy"]) if report.get("crop_policy") else CropPolicy(),
+            report.get("canonical_margin") or CANONICAL_MARGIN,
+            DetectorConfig.from_record(report["detector"]) if report.get("detector") else DetectorConfig(),
+        )

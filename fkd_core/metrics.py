@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fkd_core.types import LEFT_EYE_OUTER, RIGHT_EYE_OUTER
+from fkd_core.types import FAILURE_NME, IMAGE_LEFT_EYE_OUTER, IMAGE_RIGHT_EYE_OUTER, NOSE_TIP
 
-NOSE_TIP = 30
 PROFILE_YAW = (
     0.5  # |yaw| from here on is a profile or strongly turned head (docs/experiments.md, "Frontal and turned faces")
 )
@@ -20,7 +19,7 @@ def mse(pred_norm: np.ndarray, true_norm: np.ndarray) -> float:
 def interocular(true_xy: np.ndarray) -> np.ndarray:
     """(N, 68, 2) -> (N,) distance between the outer eye corners (points 36 and 45)."""
     t = np.asarray(true_xy, np.float64)
-    return np.linalg.norm(t[:, LEFT_EYE_OUTER] - t[:, RIGHT_EYE_OUTER], axis=-1)
+    return np.linalg.norm(t[:, IMAGE_LEFT_EYE_OUTER] - t[:, IMAGE_RIGHT_EYE_OUTER], axis=-1)
 
 
 def nme_per_face(pred_xy: np.ndarray, true_xy: np.ndarray) -> np.ndarray:
@@ -35,7 +34,7 @@ def nme_per_face(pred_xy: np.ndarray, true_xy: np.ndarray) -> np.ndarray:
     return err / iod
 
 
-def failure_rate(nme: np.ndarray, threshold: float = 0.10, unmatched: int = 0) -> float:
+def failure_rate(nme: np.ndarray, threshold: float = FAILURE_NME, unmatched: int = 0) -> float:
     """Share of faces with NME above ``threshold``; ``unmatched`` faces count as failures."""
     n = len(nme) + unmatched
     if n == 0:
@@ -43,7 +42,7 @@ def failure_rate(nme: np.ndarray, threshold: float = 0.10, unmatched: int = 0) -
     return float((np.sum(np.asarray(nme) > threshold) + unmatched) / n)
 
 
-def summarise(nme: np.ndarray, n_labelled: int, threshold: float = 0.10) -> dict[str, float]:
+def summarise(nme: np.ndarray, n_labelled: int, threshold: float = FAILURE_NME) -> dict[str, float]:
     """The end-to-end metrics of docs/design.md for matched faces' NME out of ``n_labelled`` labelled faces."""
     nme = np.asarray(nme, np.float64)
     unmatched = n_labelled - len(nme)
@@ -63,14 +62,14 @@ def yaw(xy: np.ndarray) -> np.ndarray:
     left eye), i.e. the subject has turned to their left. Measured along the eye line, so in-plane tilt (roll)
     does not count as turn."""
     p = np.asarray(xy, np.float64)
-    left, right, nose = p[:, LEFT_EYE_OUTER], p[:, RIGHT_EYE_OUTER], p[:, NOSE_TIP]
+    left, right, nose = p[:, IMAGE_LEFT_EYE_OUTER], p[:, IMAGE_RIGHT_EYE_OUTER], p[:, NOSE_TIP]
     axis = right - left
     span = np.maximum(np.linalg.norm(axis, axis=-1), 1e-9)
     along = np.sum((nose - left) * axis, axis=-1) / span  # nose tip's distance from the left corner, on the line
     return (2 * along - span) / span
 
 
-def by_pose(nme: np.ndarray, yaws: np.ndarray, threshold: float = 0.10) -> list[dict]:
+def by_pose(nme: np.ndarray, yaws: np.ndarray, threshold: float = FAILURE_NME) -> list[dict]:
     """``summarise`` per pose: frontal (|yaw| < PROFILE_YAW) and turned faces (profiles, strongly turned heads).
 
     ``nme`` and ``yaws`` are per labelled face, ``nme`` NaN where the face was not matched (such faces count as

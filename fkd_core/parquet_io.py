@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from fkd_core.storage import exists, join_uri, url_to_fs, write_bytes
+from fkd_core.storage import exists, url_to_fs, write_bytes
 from fkd_core.types import NUM_KEYPOINTS
 
 KP_TYPE = pa.list_(pa.float32(), NUM_KEYPOINTS)
@@ -179,11 +179,6 @@ _PART = re.compile(r"part-\d+\.parquet")
 _RUN_PART = re.compile(r"run_id=[^/]+/part-\d+\.parquet")
 
 
-def part_uri(base: str, table: str, run_id: str, shard: int) -> str:
-    """``<base>/<table>/run_id=<id>/part-<shard>.parquet`` (docs/design.md, "Output layout")."""
-    return join_uri(base, table, f"run_id={run_id}", f"part-{shard:05d}.parquet")
-
-
 def read_examples(uri: str, split: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Canonical crops (N, C, C) uint8, keypoints (N, 68, 2) in crop pixels, and image ids of a split.
 
@@ -211,13 +206,15 @@ def read_examples(uri: str, split: str | None = None) -> tuple[np.ndarray, np.nd
 
 def output_tables(out: str) -> dict[str, pads.Dataset]:
     """The annotate output's ``images`` and ``faces`` tables (``run_id`` included) as lazy datasets."""
-    tables = {}
+    from fkd_core.layout import AnnotateOutput
+
+    tables, output = {}, AnnotateOutput(out)
     for name, schema in (("images", IMAGES_SCHEMA), ("faces", FACES_SCHEMA)):
-        uri = join_uri(out, name)
+        uri = output.table(name)
         full = pa.schema([*schema, pa.field("run_id", pa.string())])
         if exists(uri):
             tables[name] = dataset(uri, schema=full, partitioning="runs")
-        elif exists(join_uri(out, "runs")):  # only runs with nothing to do so far: empty tables
+        elif exists(output.runs):  # only runs with nothing to do so far: empty tables
             tables[name] = pads.dataset(full.empty_table())
         else:
             raise FileNotFoundError(f"no {name}/ table under {out}: is it an fkd annotate output?")

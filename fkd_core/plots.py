@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from fkd_core.types import Box
+from fkd_core.types import FAILURE_NME, Box
 
 # Colours per iBUG 300-W region (BGR): jaw, brows, nose, eyes, mouth.
 _REGIONS = (
@@ -148,7 +148,7 @@ def png_bytes(img: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def risk_coverage_png(quality: np.ndarray, nme: np.ndarray, title: str, threshold: float = 0.10) -> bytes:
+def risk_coverage_png(quality: np.ndarray, nme: np.ndarray, title: str, threshold: float = FAILURE_NME) -> bytes:
     """Keeping faces best ``quality`` first, the failure rate (NME > ``threshold``) among those kept, against the
     best possible order (by the true NME) and keeping all."""
     import io

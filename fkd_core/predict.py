@@ -27,8 +27,7 @@ from fkd_core.detect import (
     detector_name,
 )
 from fkd_core.errors import CheckpointError
-from fkd_core.examples import canonical_square
-from fkd_core.geometry import CropPolicy, CropTransform, crop_square, denormalise, square_from_box
+from fkd_core.geometry import CropPolicy, CropTransform, canonical_square, crop_square, denormalise, square_from_box
 from fkd_core.netspec import DENSE_WIDTH, NaimishNetConfig
 from fkd_core.storage import read_json
 from fkd_core.types import Box
@@ -256,7 +255,7 @@ class Predictor:
                 loc.context_transforms.append(ct)
         return loc
 
-    def keypoints(self, located: Sequence[Located]) -> list[list[Face]]:
+    def faces_of(self, located: Sequence[Located]) -> list[list[Face]]:
         """The faces of many images at once: one batched pass per model stage over all their crops, then each
         face's trust columns (``fkd_core.trust``)."""
         a = self.analyse(located)
@@ -329,8 +328,8 @@ class Predictor:
     def predict(self, grays: Sequence[np.ndarray], boxes: Sequence[list[Box]] | None = None) -> list[list[Face]]:
         """Every face of each grayscale image with its 68 keypoints (or the faces in the given ``boxes``)."""
         if boxes is None:
-            return self.keypoints([self.locate(g) for g in grays])
-        return self.keypoints([self.locate(g, b) for g, b in zip(grays, boxes, strict=True)])
+            return self.faces_of([self.locate(g) for g in grays])
+        return self.faces_of([self.locate(g, b) for g, b in zip(grays, boxes, strict=True)])
 
     def predict_crops(self, crops: np.ndarray, stage: int = 0) -> np.ndarray:
         """(N, S, S) uint8 crops -> (N, 68, 2) keypoints in crop pixels, by the first (or the refining) stage."""

@@ -16,9 +16,10 @@ import socket
 import threading
 from collections.abc import Callable
 
-from fkd_core.errors import SourceNotFound
+from fkd_core.errors import RunConflict, SourceNotFound
+from fkd_core.layout import AnnotateOutput
 from fkd_core.parquet_io import dataset
-from fkd_core.storage import check_bucket, exists, is_local, join_uri, read_json, url_to_fs, write_json
+from fkd_core.storage import check_bucket, exists, is_local, read_json, url_to_fs, write_json
 
 HEARTBEAT_SECONDS = 30.0
 STALE_HEARTBEATS = 4  # a record silent for this many beats belongs to a dead process
@@ -109,7 +110,7 @@ def finished_counts(out: str, run_id: str) -> dict:
     import pyarrow.compute as pc
 
     counts = {"images": 0, "ok": 0, "no_face": 0, "error": 0, "faces": 0}
-    uri = join_uri(out, "images", f"run_id={run_id}")
+    uri = AnnotateOutput(out).run_dir("images", run_id)
     if not exists(uri):  # nothing finished yet, or a run with nothing to do
         return counts
     tbl = dataset(uri).to_table(columns=["status", "n_faces"])
@@ -124,7 +125,7 @@ def list_runs(out: str, now: dt.datetime | None = None) -> list[dict]:
     A run that has not completed gets the counts of its finished shards so far.
     """
     check_bucket(out, "output bucket")
-    fs, path = url_to_fs(join_uri(out, "runs"))
+    fs, path = url_to_fs(AnnotateOutput(out).runs)
     if not fs.isdir(path):
         if is_local(fs) and not fs.exists(path.rsplit("/runs", 1)[0]):
             raise SourceNotFound(f"{out} does not exist")
@@ -148,4 +149,31 @@ def list_runs(out: str, now: dt.datetime | None = None) -> list[dict]:
 
 
 def read_run(out: str, run_id: str) -> dict | None:
-    return read_json(join_uri(out, "runs", f"{run_id}.json"))
+    return read_json(AnnotateOutput(out).record(run_id))
+
+
+def same_spelling(recorded: str | None, given: str) -> str:
+    """``given`` as the run record spells it if both name the same place (``./in`` and ``in``, a trailing ``/``),
+    so only a different source counts as one."""
+    import os
+
+    def norm(u: str) -> str:
+        u = u.rstrip("/") or u
+        return u if "://" in u else os.path.abspath(u)
+
+    return recorded if recorded is not None and norm(recorded) == norm(given) else given
+
+
+def check_identity(previous: dict, run_id: str, *, source: str, model_id: str, detector: dict) -> None:
+    """Refuse (:class:`RunConflict`) to resume run ``run_id`` with another source, model or detector settings
+    than its record ``previous`` says it started with: its rows would mix two pipelines."""
+    for key, what, now in (
+        ("source", "source", same_spelling(previous.get("source"), source)),
+        ("model_id", "model", model_id),
+        ("detector", "detector settings", detector),
+    ):
+        if previous.get(key, now) != now:
+            raise RunConflict(
+                f"run {run_id} was started with {what} {previous[key]}; resume it with the same {what} "
+                f"or start a new run id (this one is {now})"
+            )

@@ -22,13 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fkd_core.align import LEFT_EYE, RIGHT_EYE
 from fkd_core.metrics import yaw as yaw_of
 from fkd_core.netspec import DENSE_WIDTH
-from fkd_core.types import NUM_KEYPOINTS, Box
+from fkd_core.types import IMAGE_LEFT_EYE, IMAGE_RIGHT_EYE, NUM_KEYPOINTS, Box
 
 TRUST_PREFIX = "trust."  # tensor names of the heads in a checkpoint
-FAILURE_NME = 0.10  # ``quality`` is the probability of an NME above this
 
 # The scalar signals, in the heads' input order. Distances are in RMS radii of the face's final keypoints.
 SIGNALS = (
@@ -55,7 +53,7 @@ def inputs(sig: np.ndarray, first: np.ndarray, refine: np.ndarray) -> np.ndarray
 
 def eye_line_angle(kps: np.ndarray) -> np.ndarray:
     """(N, 68, 2) -> (N,) the angle of the line through the two eye centres, radians (0 upright)."""
-    d = kps[:, RIGHT_EYE].mean(axis=1) - kps[:, LEFT_EYE].mean(axis=1)
+    d = kps[:, IMAGE_RIGHT_EYE].mean(axis=1) - kps[:, IMAGE_LEFT_EYE].mean(axis=1)
     return np.arctan2(d[:, 1], d[:, 0])
 
 

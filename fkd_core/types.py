@@ -29,9 +29,15 @@ def _flip_permutation() -> np.ndarray:
 FLIP_PERMUTATION: np.ndarray = _flip_permutation()
 FLIP_PERMUTATION.setflags(write=False)
 
-# Outer eye corners, the inter-ocular distance used by NME.
-LEFT_EYE_OUTER = 36
-RIGHT_EYE_OUTER = 45
+# Landmark indices (iBUG 300-W), all of them here, named by the side of the image they are on in a frontal face:
+# the image's left eye is the subject's right (points 36-41).
+IMAGE_LEFT_EYE = slice(36, 42)
+IMAGE_RIGHT_EYE = slice(42, 48)
+IMAGE_LEFT_EYE_OUTER = 36  # the outer eye corners: the inter-ocular distance NME divides by
+IMAGE_RIGHT_EYE_OUTER = 45
+NOSE_TIP = 30
+
+FAILURE_NME = 0.10  # a face whose NME is above this is a failure (FR@0.10; ``quality`` is P(NME > this))
 
 
 @dataclass(frozen=True)

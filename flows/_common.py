@@ -122,3 +122,14 @@ def flat_parameters(cfg_cls: type[BaseModel]):
         return fn
 
     return decorate
+
+
+def _read_csv_task():
+    from prefect import task
+
+    from fkd_core.ingest import read_labelled_csv
+
+    return task(name="read_csv", **IO_RETRY)(read_labelled_csv)
+
+
+read_csv = _read_csv_task()  # a keypoints CSV (ingest, evaluate), retried like every storage call

@@ -15,20 +15,20 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fkd_core.annotate import ShardConfig, ShardCounts, read_window
-from fkd_core.annotate import annotate_shard as shard_tables
+from fkd_core import image_io
+from fkd_core.annotate import ShardConfig, ShardCounts, annotate_to_tables, read_window
 from fkd_core.errors import OutputNotWritable, RunConflict, UserError
-from fkd_core.image_io import list_source as list_files
+from fkd_core.layout import AnnotateOutput
 from fkd_core.lease import Lease, LeaseUnsupported, default_holder
-from fkd_core.parquet_io import FACES_SCHEMA, IMAGES_SCHEMA, dataset, part_uri, write_table
+from fkd_core.parquet_io import FACES_SCHEMA, IMAGES_SCHEMA, dataset, write_table
 from fkd_core.predict import Predictor
-from fkd_core.runs import RunRecord, finished_counts
-from fkd_core.storage import Listing, SourceFile, exists, iter_read, join_uri, read_json
+from fkd_core.runs import RunRecord, check_identity, finished_counts
+from fkd_core.storage import Listing, SourceFile, exists, iter_read, read_json
 
 from . import preflight
 from ._common import IO_RETRY, chunks, flat_parameters, markdown_table
 from .configs import AnnotateConfig
-from .progress import ProgressBoard, progress_sink
+from .progress import ProgressBoard, progress_sink, stop_event
 
 PLAN_SCHEMA = pa.schema(
     [
@@ -67,7 +67,7 @@ def check_locations(source: str, out: str) -> None:
 
 @task(**IO_RETRY)
 def list_source(source: str, links_out: bool = False) -> Listing:
-    return list_files(source, links_out=links_out)
+    return image_io.list_source(source, links_out=links_out)
 
 
 @task(**IO_RETRY)
@@ -76,9 +76,10 @@ def already_annotated(out: str, uris: list[str]) -> set[tuple[str, str | None, i
     rows with a status other than ``error`` (the version is None in rows written before versions existed)."""
     import pyarrow.compute as pc
 
-    if not uris or not exists(join_uri(out, "images")):
+    images = AnnotateOutput(out).table("images")
+    if not uris or not exists(images):
         return set()
-    tbl = dataset(join_uri(out, "images"), schema=IMAGES_SCHEMA, partitioning="runs").to_table(
+    tbl = dataset(images, schema=IMAGES_SCHEMA, partitioning="runs").to_table(
         columns=["image_uri", "status", "source_version", "bytes"],
         filter=pc.field("status") != "error",
     )
@@ -152,12 +153,14 @@ def annotate_shard(
     ``images`` part last as the mark of a finished shard (idempotent: reruns overwrite the same parts)."""
     t0 = time.perf_counter()
     predictor = preflight.predictor_of(model, refine, detector)
-    settings = ShardConfig(max_pixels=max_pixels, threads=shard_threads())
-    reads = iter_read(uris, settings.max_bytes, read_window(settings))
-    result = shard_tables(reads, predictor, settings, progress_sink(progress_key), versions)
+    shard_cfg = ShardConfig(max_pixels=max_pixels, threads=shard_threads())
+    reads = iter_read(uris, shard_cfg.max_bytes, read_window(shard_cfg))
+    sink, stop = progress_sink(progress_key), stop_event(progress_key)
+    result = annotate_to_tables(reads, predictor, shard_cfg, sink, versions, stop)
     meta = {"model_id": predictor.model_id, "run_id": run_id}
-    write_table(result.faces, part_uri(out, "faces", run_id, shard), FACES_SCHEMA, meta)
-    write_table(result.images, part_uri(out, "images", run_id, shard), IMAGES_SCHEMA, meta)
+    output = AnnotateOutput(out)
+    write_table(result.faces, output.part("faces", run_id, shard), FACES_SCHEMA, meta)
+    write_table(result.images, output.part("images", run_id, shard), IMAGES_SCHEMA, meta)
     result.counts.seconds = time.perf_counter() - t0
     return result.counts
 
@@ -177,7 +180,7 @@ def _leases(cfg: AnnotateConfig, run_id: str, log) -> Iterator[list[Lease]]:
     then expires after ``lease_seconds``. A run id already running elsewhere is refused at once; an incremental
     run waits for the one before it, saying what it waits for.
     """
-    locks = join_uri(cfg.out, "locks")
+    locks = AnnotateOutput(cfg.out).locks
     held: list[Lease] = []
     try:
         try:
@@ -219,18 +222,6 @@ def _leases(cfg: AnnotateConfig, run_id: str, log) -> Iterator[list[Lease]]:
             lease.release()
 
 
-def same_spelling(recorded: str | None, given: str) -> str:
-    """``given`` as the run record spells it if both name the same place (``./in`` and ``in``, a trailing ``/``),
-    so only a different source counts as one."""
-    import os
-
-    def norm(u: str) -> str:
-        u = u.rstrip("/") or u
-        return u if "://" in u else os.path.abspath(u)
-
-    return recorded if recorded is not None and norm(recorded) == norm(given) else given
-
-
 def _who(record: dict) -> str:
     h = record.get("holder") or {}
     return f"run {h.get('run_id')} on {h.get('host')}, pid {h.get('pid')}" if h else "an unreadable lease record"
@@ -245,10 +236,9 @@ def annotate(cfg: AnnotateConfig) -> dict:
     (running, completed, failed or interrupted). Rerunning a run id resumes it.
     """
     check_locations(cfg.source, cfg.out)
-    if cfg.dask_address:
-        preflight.check_scheduler(cfg.dask_address)
-    # a missing or broken model, or a detector it has no mapping for (or that is not installed), fails here
-    predictor = preflight.predictor_of(cfg.model, cfg.refine, cfg.detector)
+    # the CLI's checks, again where the flow runs: a Dask scheduler that does not answer, a missing or broken
+    # model, a detector it has no mapping for (or that is not installed) fail here
+    predictor = preflight.annotate(cfg, paths=False)
     run_id = cfg.run_id or new_run_id()
     log = get_run_logger()
     if predictor.why_untrusted:
@@ -266,79 +256,29 @@ def _check_leases(leases: list[Lease]) -> None:
 
 def _annotate(cfg: AnnotateConfig, predictor: Predictor, run_id: str, log, leases: list[Lease]) -> dict:
     t0 = time.perf_counter()
-    run_uri = join_uri(cfg.out, "runs", f"{run_id}.json")
-    plan_uri = join_uri(cfg.out, "runs", f"{run_id}.plan.parquet")
-    model_id = predictor.model_id
+    output = AnnotateOutput(cfg.out)
     # the detector settings travel in the checkpoint's JSON; the run records the ones it used
-    detector = predictor.detector.to_record()
-    previous = read_json(run_uri)
-    if previous is not None and exists(plan_uri):
-        # a run's identity never changes: resuming it with another source, model or detector is refused
-        for key, what, now in (
-            ("source", "source", same_spelling(previous.get("source"), cfg.source)),
-            ("model_id", "model", model_id),
-            ("detector", "detector settings", detector),
-        ):
-            if previous.get(key, now) != now:
-                raise RunConflict(
-                    f"run {run_id} was started with {what} {previous[key]}; resume it with the same {what} "
-                    f"or start a new run id (this one is {now})"
-                )
+    identity = {"source": cfg.source, "model_id": predictor.model_id, "detector": predictor.detector.to_record()}
+    previous = read_json(output.record(run_id))
+    if previous is not None and exists(output.plan(run_id)):
+        check_identity(previous, run_id, **identity)  # a run's identity never changes
         # A rerun of a run id keeps its original plan, so shards mean the same images as before.
-        shards = load_plan(plan_uri)
-        doc = previous
+        shards, doc = load_plan(output.plan(run_id)), previous
         log.info("resuming run %s (%s before): %d shards planned", run_id, previous.get("status"), len(shards))
     else:
-        listing = list_source(cfg.source, cfg.follow_links_out)
-        files, skipped = listing.images, 0
-        if cfg.incremental:
-            done = already_annotated(cfg.out, [f.uri for f in listing.images])
-            files = [f for f in listing.images if not is_done(f, done)]
-            skipped = len(listing.images) - len(files)
-            log.info("incremental: %d images already annotated, %d new or changed", skipped, len(files))
-        if listing.skipped:
-            # every file under the source is accounted for: what is not annotated is listed with the reason
-            save_skipped(join_uri(cfg.out, "runs", f"{run_id}.skipped.parquet"), listing.skipped)
-            log.info("%d files under the source are not images (runs/%s.skipped.parquet says why)",
-                     len(listing.skipped), run_id)  # fmt: skip
-        warnings = []
-        if not listing.images:  # a quiet night lists images it skips; a typo in the prefix lists nothing at all
-            found = f"{len(listing.skipped)} files but no image" if listing.skipped else "nothing"
-            warnings.append(f"source {cfg.source} lists {found}: check the path or prefix; this run annotates nothing")
-            log.warning(warnings[-1])
-        shards = list(chunks(files, cfg.shard_size))
-        _check_leases(leases)  # the plan claims these images: only while the leases are ours
-        save_plan(plan_uri, shards)
-        doc = {
-            "run_id": run_id,
-            "source": cfg.source,
-            "model_id": model_id,
-            "detector": detector,
-            "skipped_existing": skipped,
-            "skipped_files": len(listing.skipped),
-            "shards": len(shards),
-            "images_planned": sum(map(len, shards)),
-        } | ({"warnings": warnings} if warnings else {})
+        shards, doc = _new_plan(cfg, run_id, output, log, leases)
+        doc = {"run_id": run_id, **identity, **doc}
     doc["config"] = cfg.model_dump()
     record = RunRecord(
-        run_uri, doc, cfg.heartbeat_seconds, on_error=lambda e: log.warning("run record heartbeat not written: %s", e)
-    )
+        output.record(run_id), doc, cfg.heartbeat_seconds,
+        on_error=lambda e: log.warning("run record heartbeat not written: %s", e),
+    )  # fmt: skip
     record.start()
     try:
         totals, pending = _run_shards(cfg, run_id, shards, log, leases)
         counts = run_counts(cfg.out, run_id)
     except BaseException as e:
-        # an Exception is a failure; anything else (SIGTERM as Prefect's TerminationSignal, Ctrl-C) an interruption
-        status = "failed" if isinstance(e, Exception) else "interrupted"
-        try:
-            try:
-                record.finish(status, error=_describe(e))
-            except OutputNotWritable:  # a full disk: the leases' records make room for the run's
-                for lease in leases:
-                    lease.release()
-                record.finish(status, error=_describe(e))
-        except Exception as write_error:  # the run's own error is the one to raise
-            log.warning("could not record run %s as %s: %s", run_id, status, write_error)
+        _record_stopped(record, e, leases, run_id, log)
         raise
     seconds = time.perf_counter() - t0
     record.finish(
@@ -349,24 +289,69 @@ def _annotate(cfg: AnnotateConfig, predictor: Predictor, run_id: str, log, lease
         seconds=round(seconds, 2),
         images_per_second=round(totals.images / seconds, 2) if seconds else None,
     )
-    summary = {
-        "run_id": run_id,
-        "images": totals.images,
-        "ok": totals.ok,
-        "no_face": totals.no_face,
-        "error": totals.error,
-        "faces": totals.faces,
-        "seconds": round(seconds, 1),
+    _summary_artifact(cfg, record.doc, totals, seconds, log)
+    return record.doc
+
+
+def _new_plan(cfg: AnnotateConfig, run_id: str, output: AnnotateOutput, log, leases: list[Lease]):
+    """List the source (less what an incremental run skips), cut it into shards and save the plan; returns the
+    shards and what the run record says of them."""
+    listing = list_source(cfg.source, cfg.follow_links_out)
+    files, skipped = listing.images, 0
+    if cfg.incremental:
+        done = already_annotated(cfg.out, [f.uri for f in listing.images])
+        files = [f for f in listing.images if not is_done(f, done)]
+        skipped = len(listing.images) - len(files)
+        log.info("incremental: %d images already annotated, %d new or changed", skipped, len(files))
+    if listing.skipped:
+        # every file under the source is accounted for: what is not annotated is listed with the reason
+        save_skipped(output.skipped(run_id), listing.skipped)
+        log.info("%d files under the source are not images (runs/%s.skipped.parquet says why)",
+                 len(listing.skipped), run_id)  # fmt: skip
+    warnings = []
+    if not listing.images:  # a quiet night lists images it skips; a typo in the prefix lists nothing at all
+        found = f"{len(listing.skipped)} files but no image" if listing.skipped else "nothing"
+        warnings.append(f"source {cfg.source} lists {found}: check the path or prefix; this run annotates nothing")
+        log.warning(warnings[-1])
+    shards = list(chunks(files, cfg.shard_size))
+    _check_leases(leases)  # the plan claims these images: only while the leases are ours
+    save_plan(output.plan(run_id), shards)
+    doc = {
+        "skipped_existing": skipped,
+        "skipped_files": len(listing.skipped),
+        "shards": len(shards),
+        "images_planned": sum(map(len, shards)),
     }
-    warned = "".join(f"\n\n**Warning:** {w}" for w in record.doc.get("warnings", []))
+    return shards, doc | ({"warnings": warnings} if warnings else {})
+
+
+def _record_stopped(record: RunRecord, e: BaseException, leases: list[Lease], run_id: str, log) -> None:
+    """Record a run that stopped: an Exception is a failure; anything else (SIGTERM as Prefect's
+    TerminationSignal, Ctrl-C) an interruption. The run's own error is the one raised, not the record's."""
+    status = "failed" if isinstance(e, Exception) else "interrupted"
+    try:
+        try:
+            record.finish(status, error=_describe(e))
+        except OutputNotWritable:  # a full disk: the leases' records make room for the run's
+            for lease in leases:
+                lease.release()
+            record.finish(status, error=_describe(e))
+    except Exception as write_error:
+        log.warning("could not record run %s as %s: %s", run_id, status, write_error)
+
+
+def _summary_artifact(cfg: AnnotateConfig, doc: dict, totals: ShardCounts, seconds: float, log) -> None:
+    run_id = doc["run_id"]
+    summary = {"run_id": run_id} | {k: getattr(totals, k) for k in ("images", "ok", "no_face", "error", "faces")}
+    summary["seconds"] = round(seconds, 1)
+    warned = "".join(f"\n\n**Warning:** {w}" for w in doc.get("warnings", []))
     create_markdown_artifact(
         key="annotate-run",
-        markdown=f"# fkd annotate `{run_id}`\n\nsource `{cfg.source}` -> `{cfg.out}`, model `{model_id}`{warned}\n\n"
-        + markdown_table([summary]),
+        markdown=f"# fkd annotate `{run_id}`\n\nsource `{cfg.source}` -> `{cfg.out}`, model `{doc['model_id']}`"
+        f"{warned}\n\n" + markdown_table([summary]),
         description="fkd annotate run summary" + (" (with warnings)" if warned else ""),
     )
     log.info("run %s done: %s", run_id, summary)
-    return record.doc
 
 
 def _describe(e: BaseException) -> str:
@@ -387,7 +372,8 @@ def _run_shards(
     cfg: AnnotateConfig, run_id: str, shards: list[list[SourceFile]], log, leases: list[Lease]
 ) -> tuple[ShardCounts, list[int]]:
     """Run the shards not finished yet; the board shows images done as they come, shard logs show throughput."""
-    pending = [i for i in range(len(shards)) if not exists(part_uri(cfg.out, "images", run_id, i))]
+    output = AnnotateOutput(cfg.out)
+    pending = [i for i in range(len(shards)) if not exists(output.part("images", run_id, i))]
     total = sum(len(shards[i]) for i in pending)
     log.info("run %s: %d images in %d shards, %d shards (%d images) to do", run_id, sum(map(len, shards)),
              len(shards), len(pending), total)  # fmt: skip

@@ -83,6 +83,8 @@ def _cli_type(annotation):
     import types
     import typing
 
+    if typing.get_origin(annotation) is typing.Annotated:  # bounds: pydantic checks them
+        return _cli_type(typing.get_args(annotation)[0])
     if typing.get_origin(annotation) is typing.Literal:
         return str
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -185,7 +187,7 @@ def serve(
 
 
 def _warn_unknown_variables() -> None:
-    from .settings import unknown_variables
+    from .configs import unknown_variables
 
     for warning in unknown_variables():
         typer.echo(f"fkd: {warning}", err=True)
@@ -356,58 +358,22 @@ def show(
 ) -> None:
     """Draw an image's boxes and keypoints from OUT to a PNG, each face coloured by its quality (green: keypoints
     likely right, through yellow, to red: P(NME > 0.10) of 0.5 or more) and labelled with quality and face_prob."""
+    from fkd_core.errors import UserError
     from fkd_core.image_io import read_gray
-    from fkd_core.parquet_io import keypoints_from_column
     from fkd_core.plots import draw_faces, png_bytes
-    from fkd_core.query import connect
-    from fkd_core.types import Box
+    from fkd_core.query import image_faces
 
-    con = connect(out)
-    cond = "run_id = $run" if run_id else "true"
-    params = {"img": image, "run": run_id} if run_id else {"img": image}
-    uris = [
-        r[0]
-        for r in con.sql(
-            f"select distinct image_uri from images where (image_uri = $img or image_uri like '%' || $img) and {cond}",
-            params=params,
-        ).fetchall()
-    ]
-    if not uris:
-        raise typer.BadParameter(f"no image matching {image!r} in {out}", param_hint="IMAGE")
-    if len(uris) > 1:
-        raise typer.BadParameter(f"{image!r} matches {len(uris)} images, e.g. {uris[:3]}", param_hint="IMAGE")
-    uri = uris[0]
-    latest = con.sql(
-        f"select max(run_id) from images where image_uri = $u and {cond}",
-        params={"u": uri, **({"run": run_id} if run_id else {})},
-    ).fetchall()[0][0]
-    faces = con.sql(
-        "select * from faces where image_uri = $u and run_id = $r order by face_index", params={"u": uri, "r": latest}
-    ).to_arrow_table()
-    boxes = [
-        Box(*r) for r in zip(*(faces.column(c).to_pylist() for c in ("box_x", "box_y", "box_w", "box_h")), strict=True)
-    ]
-    kx, ky = keypoints_from_column(faces.column("keypoints_x")), keypoints_from_column(faces.column("keypoints_y"))
-    import numpy as np
-
-    names = set(faces.column_names)
-    quality = faces.column("quality").to_pylist() if "quality" in names else [None] * len(boxes)
-    face_prob = faces.column("face_prob").to_pylist() if "face_prob" in names else [None] * len(boxes)
-    labels = [
-        f"#{i} q {q:.2f} face {p:.2f}" if q is not None and p is not None else f"#{i}"
-        for i, (q, p) in enumerate(zip(quality, face_prob, strict=True))
-    ]
+    try:
+        found = image_faces(out, image, run_id)
+    except UserError as e:
+        raise typer.BadParameter(str(e), param_hint="IMAGE") from None
     img = draw_faces(
-        read_gray(uri).gray,
-        boxes,
-        [np.stack([x, y], axis=1) for x, y in zip(kx, ky, strict=True)],
-        quality=quality,
-        labels=labels,
+        read_gray(found.uri).gray, found.boxes, found.keypoints, quality=found.quality, labels=found.labels(),
         max_side=max_side,
-    )
-    target = png or Path(uri.rsplit("/", 1)[-1].rsplit(".", 1)[0] + "_keypoints.png")
+    )  # fmt: skip
+    target = png or Path(found.uri.rsplit("/", 1)[-1].rsplit(".", 1)[0] + "_keypoints.png")
     target.write_bytes(png_bytes(img))
-    typer.echo(f"{target}: {len(boxes)} face(s) from run {latest}")
+    typer.echo(f"{target}: {len(found.boxes)} face(s) from run {found.run_id}")
 
 
 def main() -> None:  # pragma: no cover

@@ -7,15 +7,22 @@ start-up (``flows/cli.py``) and a flow, a deployment and ``fkd <command>`` can n
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import difflib
+import os
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fkd_core.align import AlignPolicy
-from fkd_core.image_io import DEFAULT_MAX_PIXELS
 from fkd_core.recipe import INPUT_SIZE, AugmentConfig, FitConfig
 
-from .settings import SERVED_DETECTOR, SERVED_MODEL, served_model
+from .settings import _OTHER_VARIABLES, SERVED_DETECTOR, SERVED_MODEL, FkdSettings, resolve_settings, setting_type
+
+# Fields whose default is an operator setting (FKD_<NAME>, fkd.toml; flows/settings.py owns their bounds and
+# defaults): None until resolve_settings fills them in where the config is built.
+Model, Detector, ShardSize, Workers, DaskAddress, MaxPixels = (
+    setting_type(n) for n in ("model", "detector", "shard_size", "workers", "dask_address", "max_pixels")
+)
 
 
 class AnnotateConfig(BaseModel):
@@ -31,9 +38,11 @@ class AnnotateConfig(BaseModel):
         max_length=100,  # it names files (runs/<id>.plan.parquet, run_id=<id>/): well within 255 bytes
         description="Run id; rerunning an existing one resumes it (default: a new id from the start time)",
     )
-    model: str | None = Field(None, description=f"Checkpoint (.safetensors, its .json beside it); {SERVED_MODEL}")
-    detector: Literal["haar", "yunet"] | None = Field(None, description=f"Face detector: {SERVED_DETECTOR}")
-    shard_size: int = Field(500, ge=1, le=100_000, description="Images per task")
+    SETTINGS: ClassVar[tuple[str, ...]] = ("model", "detector", "shard_size", "dask_address", "workers", "max_pixels")
+
+    model: Model = Field(None, description=f"Checkpoint (.safetensors, its .json beside it); {SERVED_MODEL}")
+    detector: Detector = Field(None, description=f"Face detector: {SERVED_DETECTOR}")
+    shard_size: ShardSize = Field(None, description="Images per task")
     refine: bool = Field(
         True, description="Run a two-stage checkpoint's refining stage (off: first stage only, faster, less accurate)"
     )
@@ -41,9 +50,9 @@ class AnnotateConfig(BaseModel):
     follow_links_out: bool = Field(
         False, description="Read files that symbolic links in the source lead to outside it (off: listed as skipped)"
     )
-    dask_address: str | None = Field(None, description="Run shards on this Dask scheduler (tcp://host:port)")
-    workers: int = Field(1, ge=1, le=64, description="Shards at once with the local runner")
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Refuse images with more pixels (pixel bombs)")
+    dask_address: DaskAddress = Field(None, description="Run shards on this Dask scheduler (tcp://host:port)")
+    workers: Workers = Field(None, description="Shards at once with the local runner")
+    max_pixels: MaxPixels = Field(None, description="Refuse images with more pixels (pixel bombs)")
     progress: bool = Field(False, description="Draw a progress bar on stderr (the CLI sets it on a terminal)")
     heartbeat_seconds: float = Field(
         30.0, ge=0.1, le=3600, description="How often the run record's heartbeat is rewritten while the run lives"
@@ -52,7 +61,7 @@ class AnnotateConfig(BaseModel):
         120.0, ge=1, le=3600, description="A dead run's locks in <out>/locks expire after this (renewed every third)"
     )
 
-    _model = model_validator(mode="after")(served_model)
+    _settings = model_validator(mode="after")(resolve_settings)
 
 
 class IngestConfig(BaseModel):
@@ -78,8 +87,10 @@ class EvaluateConfig(BaseModel):
     csv: str = Field(description="Keypoints CSV (same format as ingest)")
     images: str = Field(description="Directory or bucket prefix of the CSV's images")
     out: str = Field(description="Where metrics.json, faces.parquet, worst.png and risk_coverage.png are written")
-    model: str | None = Field(None, description=f"Checkpoint (.safetensors); {SERVED_MODEL}")
-    detector: Literal["haar", "yunet"] | None = Field(None, description=f"Face detector: {SERVED_DETECTOR}")
+    SETTINGS: ClassVar[tuple[str, ...]] = ("model", "detector")
+
+    model: Model = Field(None, description=f"Checkpoint (.safetensors); {SERVED_MODEL}")
+    detector: Detector = Field(None, description=f"Face detector: {SERVED_DETECTOR}")
     split: str = Field("all", pattern="^(all|train|val)$", description="Score all rows, or the train or val split")
     split_by: str | None = Field(
         None, pattern="^(person|frame)$", description="How rows split: person or frame (default: the checkpoint's)"
@@ -92,7 +103,7 @@ class EvaluateConfig(BaseModel):
     workers: int = Field(2, ge=1, le=64, description="Shards scored at once")
     worst: int = Field(12, ge=0, le=100, description="Faces in the worst-case montage")
 
-    _model = model_validator(mode="after")(served_model)
+    _settings = model_validator(mode="after")(resolve_settings)
 
 
 _RECIPE, _AUGMENT = FitConfig(), AugmentConfig()  # the shipped recipe: every default below comes from it
@@ -190,11 +201,8 @@ COMMANDS: dict[str, tuple[type[BaseModel], tuple[str, ...]]] = {
     "evaluate": (EvaluateConfig, ("csv", "images", "out")),
 }
 HIDDEN = {"annotate": ("progress",)}  # set by the CLI itself (a bar only on a terminal)
-# options whose default is an operator setting: FKD_<FIELD> or fkd.toml, resolved by flows.settings.load_settings
-SETTINGS_BACKED = {
-    "annotate": ("model", "detector", "shard_size", "dask_address", "workers", "max_pixels"),
-    "evaluate": ("model", "detector"),
-}
+# options whose default is an operator setting: FKD_<FIELD> or fkd.toml (each config's SETTINGS)
+SETTINGS_BACKED = {name: cls.SETTINGS for name, (cls, _) in COMMANDS.items() if getattr(cls, "SETTINGS", ())}
 
 
 def env_var(command: str, field: str) -> str:
@@ -213,3 +221,15 @@ def command_variables() -> set[str]:
         for f in cls.model_fields
         if f not in args and f not in HIDDEN.get(name, ())
     }
+
+
+def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """A warning for each ``FKD_*`` variable that is no setting (a typo is otherwise silently ignored)."""
+    known = {f"FKD_{name.upper()}" for name in FkdSettings.model_fields} | _OTHER_VARIABLES | command_variables()
+    warnings = []
+    for name in sorted(environ if environ is not None else os.environ):
+        if name.upper().startswith("FKD_") and name.upper() not in known:
+            close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else f"; fkd settings are {', '.join(sorted(known))}"
+            warnings.append(f"warning: {name} is not an fkd setting and is ignored{hint}")
+    return warnings

@@ -19,18 +19,9 @@ DEFAULT_HEARTBEAT_SECONDS = 30
 
 
 def nightly_parameters(settings: FkdSettings) -> dict:
-    """The nightly run's flat parameters, from the same settings the CLI reads (FKD_* / fkd.toml)."""
-    return {
-        "source": settings.nightly_source,
-        "out": settings.nightly_out,
-        "incremental": True,
-        "model": settings.model,
-        "detector": settings.detector,
-        "shard_size": settings.shard_size,
-        "workers": settings.workers,
-        "dask_address": settings.dask_address,
-        "max_pixels": settings.max_pixels,
-    }
+    """The nightly run's flat parameters: what it annotates and where to. The model, detector, shard size and
+    the other settings are resolved where each run runs (``AnnotateConfig.SETTINGS``), like every run's."""
+    return {"source": settings.nightly_source, "out": settings.nightly_out, "incremental": True}
 
 
 def build_deployments(settings: FkdSettings, interval: float | None = None) -> list:

@@ -11,26 +11,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fkd_core.detect import DetectorConfig
-from fkd_core.errors import RowError
-from fkd_core.examples import BoxMapping, LabelledRow, parse_keypoints_csv
+from fkd_core.examples import BoxMapping, LabelledRow
 from fkd_core.geometry import CropPolicy
 from fkd_core.ingest import IngestShardConfig, ShardResult, ingest_misses, ingest_shard, read_rows
+from fkd_core.layout import IngestOutput
 from fkd_core.parquet_io import EXAMPLES_SCHEMA, write_table
-from fkd_core.storage import join_uri, open_text, url_to_fs, write_json
+from fkd_core.storage import url_to_fs, write_json
 
 from . import preflight
-from ._common import IO_RETRY, chunks, flat_parameters, markdown_table
+from ._common import IO_RETRY, chunks, flat_parameters, markdown_table, read_csv
 from .configs import IngestConfig
-
-
-@task(**IO_RETRY)
-def read_csv(uri: str) -> tuple[list[LabelledRow], list[str]]:
-    """Parse the CSV (streamed line by line); returns the valid rows and the refusals."""
-    rows, refused = [], []
-    with open_text(uri) as f:
-        for item in parse_keypoints_csv(f, source=uri.rsplit("/", 1)[-1]):
-            (refused.append(str(item)) if isinstance(item, RowError) else rows.append(item))
-    return rows, refused
 
 
 @task(**IO_RETRY)
@@ -50,7 +40,7 @@ def process_shard(
     else:
         result, table = ingest_misses(reads, mapping, settings)
     if table is not None:
-        write_table(table, join_uri(out, f"part-{shard:05d}.parquet"), EXAMPLES_SCHEMA)
+        write_table(table, IngestOutput(out).part(shard), EXAMPLES_SCHEMA)
     return result
 
 
@@ -73,7 +63,8 @@ def ingest(cfg: IngestConfig) -> dict:
     preflight.ingest(cfg)
     log = get_run_logger()
     t0 = time.perf_counter()
-    examples_uri = f"{cfg.out.rstrip('/')}/examples"
+    output = IngestOutput(cfg.out)
+    examples_uri = output.examples
     settings = IngestShardConfig(
         images=cfg.images,
         split_by=cfg.split_by,
@@ -90,7 +81,7 @@ def ingest(cfg: IngestConfig) -> dict:
     with ThreadPoolTaskRunner(max_workers=cfg.workers) as runner:
         futures = [
             runner.submit(
-                process_shard, {"rows": s, "shard": i, "settings": settings, "out": examples_uri, "source": source}
+                process_shard, {"rows": s, "shard": i, "settings": settings, "out": cfg.out, "source": source}
             )
             for i, s in enumerate(shards)
         ]
@@ -104,7 +95,7 @@ def ingest(cfg: IngestConfig) -> dict:
     )
     from_keypoints = 0
     if misses:
-        res = process_shard(misses, len(shards), settings, examples_uri, source, mapping)
+        res = process_shard(misses, len(shards), settings, cfg.out, source, mapping)
         from_keypoints = res.written
         refused += res.refused
     report = {
@@ -126,7 +117,7 @@ def ingest(cfg: IngestConfig) -> dict:
         "seed": cfg.seed,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    write_report(report, f"{cfg.out.rstrip('/')}/ingest_report.json")
+    write_report(report, output.report)
     log.info(
         "ingest: %d examples (%d Haar boxes, %d from keypoints), %d refused, %.1f s",
         report["rows_kept"],

@@ -21,13 +21,15 @@ def locations(source: str, out: str) -> None:
     check_output(out)
 
 
-def annotate(cfg) -> Predictor:
-    """An annotate run's source, output, Dask scheduler and model; returns the predictor the run will use.
+def annotate(cfg, paths: bool = True) -> Predictor:
+    """An annotate run's source, output (unless ``paths`` is off: the flow checks them in a task of their own, so
+    a store that does not answer is retried), Dask scheduler and model; returns the predictor the run will use.
 
     Object stores have no directories, so an empty or absent prefix in an existing bucket is a run with nothing to
     do, not an error.
     """
-    locations(cfg.source, cfg.out)
+    if paths:
+        locations(cfg.source, cfg.out)
     if cfg.dask_address:
         check_scheduler(cfg.dask_address)
     return predictor_of(cfg.model, cfg.refine, cfg.detector)

@@ -20,23 +20,24 @@ _COUNTERS: dict[str, _Counter] = {}
 _TOPIC = "fkd-progress-"
 
 
-class ShardCancelled(Exception):
-    """The flow is stopping (interrupted, or another shard failed): a shard still running gives up."""
-
-
 class _Counter:
     def __init__(self) -> None:
         self.value = 0
         self.faces = 0
-        self.cancelled = False
+        self.stopping = threading.Event()  # set when the run stops: shards in this process give up
         self._lock = threading.Lock()
 
     def add(self, n: int, faces: int = 0) -> None:
-        if self.cancelled:
-            raise ShardCancelled("the run is stopping")
         with self._lock:
             self.value += n
             self.faces += faces
+
+
+def stop_event(key: str | None) -> threading.Event | None:
+    """What tells a shard task running in the flow's process that the run is stopping (None elsewhere: on Dask, the
+    flow cancels the shards' futures). Found by the board's key: task parameters are plain values."""
+    counter = _COUNTERS.get(key) if key else None
+    return counter.stopping if counter is not None else None
 
 
 def progress_sink(key: str | None) -> Callable[[int, int], None] | None:
@@ -87,7 +88,7 @@ class ProgressBoard:
 
     def cancel(self) -> None:
         """Make shards still running in this process stop at their next image (their parts are not written)."""
-        self.counter.cancelled = True
+        self.counter.stopping.set()
 
     def shard_done(self, images: int, faces: int = 0) -> None:
         self.finished += images

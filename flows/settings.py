@@ -7,7 +7,6 @@ variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`
 
 from __future__ import annotations
 
-import difflib
 import os
 import tomllib
 from pathlib import Path
@@ -16,11 +15,15 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from fkd_core.image_io import DEFAULT_MAX_PIXELS
 from fkd_core.resources import DEFAULT_MODEL
 
 
 class FkdSettings(BaseSettings):
-    """Defaults for the CLI and for served deployments."""
+    """The operator settings, and the one owner of their defaults and bounds: a flow config's settings-backed
+    fields (``AnnotateConfig.SETTINGS``...) take their type, bounds and default from here
+    (:func:`resolve_settings`), wherever the config is built: the CLI, a served or worker's deployment run, a
+    Python caller."""
 
     # an empty FKD_* variable means "not set" (compose passes `FKD_MODEL: ${FKD_MODEL:-}` through as "")
     model_config = SettingsConfigDict(env_prefix="FKD_", extra="forbid", env_ignore_empty=True)
@@ -32,7 +35,7 @@ class FkdSettings(BaseSettings):
     shard_size: int = Field(500, ge=1, le=100_000, description="Images per annotate task")
     workers: int = Field(1, ge=1, le=64, description="Shards at once with the local task runner")
     dask_address: str | None = Field(None, description="Dask scheduler for annotate shards")
-    max_pixels: int = Field(50_000_000, ge=1, description="Larger images are refused as pixel bombs")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger images are refused as pixel bombs")
     nightly_source: str | None = Field(None, description="Prefix annotated incrementally by the nightly deployment")
     nightly_out: str | None = Field(None, description="Output prefix of the nightly deployment")
     nightly_cron: str = Field("0 2 * * *", description="Schedule of the nightly deployment (cron, UTC)")
@@ -78,16 +81,26 @@ SERVED_DETECTOR = (
 )
 
 
-def served_model(cfg):
-    """A config's ``model`` and ``detector``, filled in where they were not given: the served ones, which are only
-    ever what FKD_MODEL and FKD_DETECTOR (or the settings file) name, or the packaged model and its own detector.
-    Resolved where the flow runs, so a promotion by FKD_MODEL reaches every deployment served or worked there.
-    (A pydantic after-validator.)"""
-    if cfg.model is None or cfg.detector is None:
+def resolve_settings(cfg):
+    """Fill in a config's settings-backed fields (``type(cfg).SETTINGS``) that were not given from the operator
+    settings (FKD_* variables, the settings file, else their defaults). Resolved where the flow runs, so FKD_MODEL,
+    FKD_SHARD_SIZE... reach every run the same way: the CLI's, a served or worker's deployment's, a Python
+    caller's. (A pydantic after-validator.)"""
+    missing = [name for name in type(cfg).SETTINGS if getattr(cfg, name) is None]
+    if missing:
         settings = load_settings()
-        cfg.model = cfg.model if cfg.model is not None else settings.model
-        cfg.detector = cfg.detector if cfg.detector is not None else settings.detector
+        for name in missing:
+            setattr(cfg, name, getattr(settings, name))
     return cfg
+
+
+def setting_type(name: str):
+    """The type of a config field backed by setting ``name``: the setting's own type and bounds, or None (not
+    given: :func:`resolve_settings` fills it in)."""
+    from typing import Annotated
+
+    f = FkdSettings.model_fields[name]
+    return (Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation) | None
 
 
 class SettingsError(ValueError):
@@ -101,20 +114,6 @@ _OTHER_VARIABLES = {"FKD_CONFIG", "FKD_TEST_MODEL"}
 def toml_file() -> str | None:
     """The settings file in force: ``FKD_CONFIG``, else ``./fkd.toml`` if there is one."""
     return os.environ.get("FKD_CONFIG") or ("fkd.toml" if Path("fkd.toml").is_file() else None)
-
-
-def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
-    """A warning for each ``FKD_*`` variable that is no setting (a typo is otherwise silently ignored)."""
-    from .configs import command_variables
-
-    known = {f"FKD_{name.upper()}" for name in FkdSettings.model_fields} | _OTHER_VARIABLES | command_variables()
-    warnings = []
-    for name in sorted(environ if environ is not None else os.environ):
-        if name.upper().startswith("FKD_") and name.upper() not in known:
-            close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]}?" if close else f"; fkd settings are {', '.join(sorted(known))}"
-            warnings.append(f"warning: {name} is not an fkd setting and is ignored{hint}")
-    return warnings
 
 
 def load_settings(**overrides) -> FkdSettings:

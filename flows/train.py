@@ -16,8 +16,9 @@ from fkd_core.align import AlignPolicy
 from fkd_core.checkpoint import LoadedModel, load_checkpoint, save_new_checkpoint
 from fkd_core.detect import DetectorConfig
 from fkd_core.errors import UserError
-from fkd_core.examples import CANONICAL_MARGIN, inner_fraction
 from fkd_core.geometry import CropPolicy
+from fkd_core.ingest import CropRecord
+from fkd_core.layout import IngestOutput
 from fkd_core.metrics import nme_per_face
 from fkd_core.netspec import NaimishNetConfig
 from fkd_core.parquet_io import dataset, read_examples
@@ -47,7 +48,7 @@ def data_fingerprint(examples: str) -> dict:
     h = hashlib.sha256()
     for i, s, sp in zip(*(tbl.column(c).to_pylist() for c in ("image_id", "sha256", "split")), strict=True):
         h.update(f"{i}\t{s}\t{sp}\n".encode())
-    report = read_json(examples.rstrip("/").rsplit("/", 1)[0] + "/ingest_report.json") or {}
+    report = read_json(IngestOutput.of_examples(examples).report) or {}
     return {
         "examples": examples,
         "sha256": h.hexdigest(),
@@ -117,7 +118,7 @@ def train(cfg: TrainConfig) -> dict:
     preflight.train(cfg)
     import torch
 
-    from fkd_core.train import EpochStats, fit, pack_trained, predict_canonical, start_model
+    from fkd_core.train import fit, start_model
 
     log = get_run_logger()
     if cfg.threads:
@@ -127,58 +128,20 @@ def train(cfg: TrainConfig) -> dict:
     train_xy = load_split(cfg.examples, "train", cfg.max_train)
     val_xy = load_split(cfg.examples, "val", None)
     log.info("training on %d examples, validating on %d", len(train_xy[0]), len(val_xy[0]))
-    params = cfg.params()
-    # The crops were cut by ingest with its crop policy: the checkpoint must carry that same policy.
-    policy = CropPolicy(**fingerprint["crop_policy"]) if fingerprint.get("crop_policy") else CropPolicy()
-    inner = inner_fraction(fingerprint.get("canonical_margin") or CANONICAL_MARGIN)
-    progress = create_progress_artifact(progress=0.0, key="train-progress", description="epochs done / max epochs")
-
-    def on_epoch(s: EpochStats) -> None:
-        log.info(
-            "epoch %3d/%d  train MSE %.5f  val MSE %.5f  val NME %.4f (%s weights)  lr %.1e  %.1f s",
-            s.epoch,
-            cfg.epochs,
-            s.train_mse,
-            s.val_mse,
-            s.val_nme,
-            s.weights,
-            s.lr,
-            s.seconds,
-        )
-        progress_at(s.epoch)
-
-    def progress_at(epoch: int) -> None:
-        update_progress_artifact(progress, progress=100.0 * epoch / cfg.epochs)
-
-    first = stage_one(cfg, policy)
-    align, first_val = None, None
-    if first is not None:
-        align = AlignPolicy(
-            side=cfg.align_side,
-            context_margin=fingerprint.get("canonical_margin") or CANONICAL_MARGIN,
-            context_size=train_xy[0].shape[-1],
-        )
-        first_val = predict_canonical(first.model, val_xy[0], inner)
-        first_nme = float(nme_per_face(first_val, val_xy[1]).mean()) if len(first_val) else float("nan")
-        log.info("refining stage for %s (its val NME %.4f)", first.model_id, first_nme)
+    crops = CropRecord.from_report(fingerprint)  # how ingest cut them: the checkpoint carries the same
+    first, align, first_val = _refining_stage_inputs(cfg, crops, train_xy, val_xy, log)
     start = start_model(load_checkpoint(cfg.init) if cfg.init else None, first, cfg.input_size)
-    # what decides the result: the same command on the same data resumes a stopped run (threads aside)
-    key = cfg.model_dump(exclude={"force", "resume", "threads"}) | {"data": fingerprint["sha256"]}
-    key |= {"start": [load_checkpoint(u).model_id for u in (cfg.init, cfg.refine_of) if u]}
-    state_at = resume.state_uri(cfg.out_dir, cfg.name, key)
-    state, why_not = resume.load_state(state_at) if cfg.resume else (None, None)
-    if why_not:
-        log.warning(why_not)
+    progress = _EpochProgress(cfg, log)
+    state_at, state = _resumable_state(cfg, fingerprint, log)
     if state is not None:
-        log.info("resuming after epoch %d of a stopped run (state %s)", state["epoch"], state_at)
-        progress_at(state["epoch"])
+        progress.at(state["epoch"])
     model, history = fit(
         train_xy,
         val_xy,
         model_cfg=NaimishNetConfig(input_size=cfg.input_size),
-        params=params,
-        inner=inner,
-        on_epoch=on_epoch,
+        params=cfg.params(),
+        inner=crops.inner,
+        on_epoch=progress.epoch_done,
         model=start,
         align=align,
         val_first=first_val,
@@ -186,44 +149,12 @@ def train(cfg: TrainConfig) -> dict:
         resume=state,
         on_state=lambda st: resume.save_state(state_at, st),
     )
-    update_progress_artifact(progress, progress=100.0)
-    best = history.best
-    rows = [
-        {
-            "epoch": e.epoch,
-            "train_mse": e.train_mse,
-            "val_mse": e.val_mse,
-            "val_nme": e.val_nme,
-            "lr": e.lr,
-            "seconds": round(e.seconds, 2),
-        }
-        for e in history.epochs
-    ]
-    create_table_artifact(key="train-history", table=rows, description=f"{cfg.name}: MSE per epoch")
-
-    meta = checkpoint_record(cfg, fingerprint, inner, history, time.perf_counter() - t0)
+    progress.at(cfg.epochs)
+    _history_artifact(cfg, history)
+    meta = checkpoint_record(cfg, fingerprint, crops.inner, history, time.perf_counter() - t0)
     meta["train"]["resumed_after_epoch"] = state["epoch"] if state is not None else None
-    detector = DetectorConfig.from_record(fingerprint["detector"]) if fingerprint["detector"] else DetectorConfig()
-    packed = pack_trained(
-        model,
-        cfg.name,
-        first=first,
-        align=align,
-        policy=policy,
-        detector=detector,
-        meta=meta,
-        val=val_xy,
-        inner=inner,
-        best_val_nme=best.val_nme,
-    )
-    if packed.doc["dtype"] != "float16":
-        log.info("float16 changes val NME %.5f -> %.5f: storing float32", best.val_nme, packed.doc["float16_val_nme"])
-    model_id = packed.model_id
-    weights = save_new_checkpoint(packed, cfg.out_dir, force=cfg.force)
+    model_id, weights = _save(cfg, model, history, meta, crops, first, align, val_xy, log)
     resume.remove_state(state_at)  # the run is done: nothing to resume
-    png = loss_curve_png(*loss_curves(history, cfg.ema_decay))
-    write_bytes(png, f"{cfg.out_dir.rstrip('/')}/{model_id}_loss.png")
-    log.info("saved %s as %s (best epoch %d, val NME %.4f)", model_id, weights, history.best_epoch, best.val_nme)
     return {
         "model_id": model_id,
         "weights": weights,
@@ -232,3 +163,77 @@ def train(cfg: TrainConfig) -> dict:
         **meta["metrics"],
         "seconds": meta["train"]["seconds"],
     }
+
+
+class _EpochProgress:
+    """Each epoch's log line, and the progress artifact (epochs done of the most the run may take)."""
+
+    def __init__(self, cfg: TrainConfig, log) -> None:
+        self.cfg, self.log = cfg, log
+        self.artifact = create_progress_artifact(
+            progress=0.0, key="train-progress", description="epochs done / max epochs"
+        )
+
+    def at(self, epoch: int) -> None:
+        update_progress_artifact(self.artifact, progress=100.0 * min(epoch, self.cfg.epochs) / self.cfg.epochs)
+
+    def epoch_done(self, s) -> None:
+        self.log.info(
+            "epoch %3d/%d  train MSE %.5f  val MSE %.5f  val NME %.4f (%s weights)  lr %.1e  %.1f s",
+            s.epoch, self.cfg.epochs, s.train_mse, s.val_mse, s.val_nme, s.weights, s.lr, s.seconds,
+        )  # fmt: skip
+        self.at(s.epoch)
+
+
+def _refining_stage_inputs(cfg: TrainConfig, crops: CropRecord, train_xy, val_xy, log):
+    """For a refining stage (``refine_of``): its first stage, the alignment policy, and the first stage's
+    validation keypoints it is validated from; (None, None, None) for a first stage."""
+    from fkd_core.train import predict_canonical
+
+    first = stage_one(cfg, crops.policy)
+    if first is None:
+        return None, None, None
+    align = AlignPolicy(side=cfg.align_side, context_margin=crops.canonical_margin, context_size=train_xy[0].shape[-1])
+    first_val = predict_canonical(first.model, val_xy[0], crops.inner)
+    first_nme = float(nme_per_face(first_val, val_xy[1]).mean()) if len(first_val) else float("nan")
+    log.info("refining stage for %s (its val NME %.4f)", first.model_id, first_nme)
+    return first, align, first_val
+
+
+def _resumable_state(cfg: TrainConfig, fingerprint: dict, log) -> tuple[str, dict | None]:
+    """Where this run keeps its state after each epoch, and the state of the same run stopped earlier (or None).
+    The key is what decides the result: the same command on the same data resumes (threads aside)."""
+    key = cfg.model_dump(exclude={"force", "resume", "threads"}) | {"data": fingerprint["sha256"]}
+    key |= {"start": [load_checkpoint(u).model_id for u in (cfg.init, cfg.refine_of) if u]}
+    state_at = resume.state_uri(cfg.out_dir, cfg.name, key)
+    state, why_not = resume.load_state(state_at) if cfg.resume else (None, None)
+    if why_not:
+        log.warning(why_not)
+    if state is not None:
+        log.info("resuming after epoch %d of a stopped run (state %s)", state["epoch"], state_at)
+    return state_at, state
+
+
+def _history_artifact(cfg: TrainConfig, history: History) -> None:
+    keys = ("epoch", "train_mse", "val_mse", "val_nme", "lr")
+    rows = [{k: getattr(e, k) for k in keys} | {"seconds": round(e.seconds, 2)} for e in history.epochs]
+    create_table_artifact(key="train-history", table=rows, description=f"{cfg.name}: MSE per epoch")
+
+
+def _save(cfg: TrainConfig, model, history: History, meta: dict, crops: CropRecord, first, align, val_xy, log):
+    """Pack the best model (float16 where it loses nothing) with its record, write it under a new name, and its
+    loss curve beside it; returns (model id, weights URI)."""
+    from fkd_core.train import pack_trained
+
+    best = history.best
+    packed = pack_trained(
+        model, cfg.name, first=first, align=align, policy=crops.policy, detector=crops.detector, meta=meta,
+        val=val_xy, inner=crops.inner, best_val_nme=best.val_nme,
+    )  # fmt: skip
+    if packed.doc["dtype"] != "float16":
+        log.info("float16 changes val NME %.5f -> %.5f: storing float32", best.val_nme, packed.doc["float16_val_nme"])
+    weights = save_new_checkpoint(packed, cfg.out_dir, force=cfg.force)
+    png = loss_curve_png(*loss_curves(history, cfg.ema_decay))
+    write_bytes(png, f"{cfg.out_dir.rstrip('/')}/{packed.model_id}_loss.png")
+    log.info("saved %s as %s (best epoch %d, val NME %.4f)", packed.model_id, weights, history.best_epoch, best.val_nme)
+    return packed.model_id, weights

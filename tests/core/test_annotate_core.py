@@ -6,11 +6,12 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 
-from fkd_core.annotate import ShardConfig, annotate_images, annotate_shard, tables
+from fkd_core.annotate import ShardConfig, annotate_images, annotate_to_tables, tables
 from fkd_core.geometry import CropPolicy
 from fkd_core.image_io import list_images
+from fkd_core.layout import AnnotateOutput
 from fkd_core.model import NaimishNet
-from fkd_core.parquet_io import FACES_SCHEMA, IMAGES_SCHEMA, part_uri, write_table
+from fkd_core.parquet_io import FACES_SCHEMA, IMAGES_SCHEMA, write_table
 from fkd_core.predict import Predictor
 from fkd_core.storage import iter_read
 
@@ -42,11 +43,42 @@ def test_shard_statuses_and_keypoints_in_original_pixels(corrupt_dir, tmp_path):
     img_tbl, face_tbl = tables(images, "m-000000000000", dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
     assert img_tbl.num_rows == len(uris) and face_tbl.num_rows == sum(len(im.boxes) for im in images)
     # the shard function takes bytes and returns tables; what it returns is what the contracts accept
-    out = annotate_shard(iter_read(uris), pred, ShardConfig(max_pixels=20_000_000))
+    out = annotate_to_tables(iter_read(uris), pred, ShardConfig(max_pixels=20_000_000))
     c = out.counts
     assert (c.images, c.error, c.no_face, c.faces) == (len(uris), 5, 1, face_tbl.num_rows)
     for name, tbl, schema in (("faces", out.faces, FACES_SCHEMA), ("images", out.images, IMAGES_SCHEMA)):
-        write_table(tbl, part_uri(str(tmp_path), name, "r", 7), schema, {"model_id": pred.model_id})
+        write_table(tbl, AnnotateOutput(str(tmp_path)).part(name, "r", 7), schema, {"model_id": pred.model_id})
         written = pq.read_table(tmp_path / name / "run_id=r" / "part-00007.parquet")
         assert written.schema.remove_metadata().equals(schema) and written.num_rows == tbl.num_rows
         assert written.schema.metadata[b"fkd.model_id"] == pred.model_id.encode()
+
+
+def test_a_shard_told_to_stop_gives_up_at_its_next_file(sample_dir):
+    """The run's stop is its own signal, not an error raised from the progress report: once it is set the shard
+    reads no further file and raises ShardCancelled (so no part is written)."""
+    import threading
+
+    import pytest
+
+    from fkd_core.annotate import ShardCancelled
+
+    pred = Predictor(_Centre().eval(), CropPolicy(), backend="torch")
+    uris = list_images(str(sample_dir / "images"))
+    read: list[str] = []
+
+    def reads():
+        for u, d in iter_read(uris):
+            read.append(u)
+            yield u, d
+
+    stop = threading.Event()
+    reports: list[int] = []
+
+    def progress(n: int, faces: int) -> None:
+        reports.append(n)
+        stop.set()  # the run stops while the first batch is reported
+
+    with pytest.raises(ShardCancelled, match="the run is stopping"):
+        annotate_to_tables(reads(), pred, ShardConfig(model_every=8, threads=1), progress, stop=stop)
+    assert reports and len(read) < len(uris)  # it stopped well before the end
+    assert len(annotate_images(iter_read(uris), pred, ShardConfig(model_every=8, threads=1))) == len(uris)

@@ -122,3 +122,17 @@ def test_make_example_maps_keypoints_into_the_canonical_crop():
     w = ex.crop[ys, xs].astype(float)
     centroid = np.array([(xs * w).sum() / w.sum(), (ys * w).sum() / w.sum()])
     assert np.abs(ex.keypoints[0] - centroid).max() < 0.3
+
+
+def test_a_crop_record_reads_how_ingest_cut_the_crops_and_an_old_report_means_the_defaults():
+    from fkd_core.detect import DetectorConfig
+    from fkd_core.geometry import CANONICAL_MARGIN, CropPolicy
+    from fkd_core.ingest import CropRecord
+
+    old = CropRecord.from_report({"examples": "x", "crop_policy": None, "canonical_margin": None, "detector": None})
+    assert old == CropRecord(CropPolicy(), CANONICAL_MARGIN, DetectorConfig()) and old.inner == 1 / CANONICAL_MARGIN
+    detector = DetectorConfig(min_neighbors=7)
+    report = {"crop_policy": {"scale": 1.5, "shift_y": 0.05}, "canonical_margin": 2.0, "detector": detector.to_record()}
+    rec = CropRecord.from_report(report)
+    assert rec.policy == CropPolicy(scale=1.5, shift_y=0.05) and rec.canonical_margin == 2.0 and rec.inner == 0.5
+    assert rec.detector.min_neighbors == 7 and rec.detector.to_record() == detector.to_record()

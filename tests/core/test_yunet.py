@@ -142,7 +142,7 @@ def test_the_yunet_path_is_another_model_id_and_its_boxes_are_yunet_s(model_path
     loc = yunet.locate(gray)
     assert [d.box for d in detect(gray, yunet.detector)] == loc.boxes
     assert all(m != b and m.w == m.h for m, b in zip(loc.model_boxes, loc.boxes, strict=True))
-    faces = yunet.keypoints([loc])[0]
+    faces = yunet.faces_of([loc])[0]
     assert [f.box for f in faces] == loc.boxes and all(0.5 <= f.det_score <= 1 for f in faces)
     for f in faces:  # the keypoints land on the face YuNet boxed
         assert f.box.contains(*f.keypoints.mean(axis=0))

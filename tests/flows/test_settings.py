@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from fkd_flows.settings import FkdSettings, SettingsError, load_settings, unknown_variables
+from fkd_flows.configs import unknown_variables
+from fkd_flows.settings import FkdSettings, SettingsError, load_settings
 from tests.flows.conftest import BIN
 
 
@@ -280,3 +281,28 @@ def test_a_run_id_too_long_to_name_a_file_is_refused_before_anything_is_written(
     longest = "r" * 100
     doc = annotate(source=photo, out=str(out), run_id=longest, model=model_path)
     assert doc["status"] == "completed" and (out / "runs" / f"{longest}.json").is_file()
+
+
+def test_python_callers_and_deployment_runs_take_the_operator_settings(monkeypatch):
+    """Settings have one owner (FkdSettings): a config built anywhere (a deployment run's, a Python caller's)
+    takes FKD_* for the fields it was not given, with the setting's bounds; given values win."""
+    from pydantic import ValidationError
+
+    from fkd_flows.configs import AnnotateConfig, EvaluateConfig
+
+    for name, value in (("SHARD_SIZE", "7"), ("WORKERS", "3"), ("MAX_PIXELS", "1000"), ("DASK_ADDRESS", "tcp://h:1")):
+        monkeypatch.setenv(f"FKD_{name}", value)
+    cfg = AnnotateConfig(source="a", out="b")
+    assert (cfg.shard_size, cfg.workers, cfg.max_pixels, cfg.dask_address) == (7, 3, 1000, "tcp://h:1")
+    assert AnnotateConfig(source="a", out="b", shard_size=2, workers=1).shard_size == 2
+    assert EvaluateConfig(csv="a", images="b", out="c").shard_size == 500  # evaluate's own option, no setting
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        AnnotateConfig(source="a", out="b", shard_size=0)  # the setting's bounds hold for a given value too
+    monkeypatch.setenv("FKD_SHARD_SIZE", "0")
+    with pytest.raises(ValidationError, match="FKD_SHARD_SIZE"):
+        AnnotateConfig(source="a", out="b")
+    for name in ("SHARD_SIZE", "WORKERS", "MAX_PIXELS", "DASK_ADDRESS"):
+        monkeypatch.delenv(f"FKD_{name}")
+    cfg = AnnotateConfig(source="a", out="b")
+    defaults = FkdSettings()
+    assert (cfg.shard_size, cfg.workers, cfg.max_pixels) == (defaults.shard_size, defaults.workers, defaults.max_pixels)
