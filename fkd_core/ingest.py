@@ -173,3 +173,41 @@ class CropRecord:
             report.get("canonical_margin") or CANONICAL_MARGIN,
             DetectorConfig.from_record(report["detector"]) if report.get("detector") else DetectorConfig(),
         )
+
+
+def fit_box_mapping(results: list[ShardResult]) -> BoxMapping:
+    """The mapping from a face's keypoint box to the detector's box, fitted on every labelled face the detector
+    found in any shard (it crops the faces the detector missed as the detector would have)."""
+    return BoxMapping.fit(
+        np.array([b for r in results for b in r.kp_boxes]).reshape(-1, 4),
+        np.array([b for r in results for b in r.det_boxes]).reshape(-1, 4),
+    )
+
+
+def ingest_report(
+    csv: str, examples: str, shard_cfg: IngestShardConfig, from_detector: int, from_keypoints: int,
+    refused: list[str], mapping: BoxMapping, seconds: float,
+) -> dict:  # fmt: skip
+    """``ingest_report.json``: what was kept and refused (every reason), and how the crops were cut (crop policy,
+    detector, canonical crop, box mapping) and split, which training reads back (:class:`CropRecord`)."""
+    from dataclasses import asdict
+
+    return {
+        "csv": csv,
+        "images": shard_cfg.images,
+        "examples": examples,
+        "rows_kept": from_detector + from_keypoints,
+        "rows_refused": len(refused),
+        "refused": refused,
+        "boxes_from_haar": from_detector,
+        "boxes_from_keypoints": from_keypoints,
+        "box_mapping": mapping.to_dict(),
+        "crop_policy": asdict(shard_cfg.policy),
+        "detector": shard_cfg.detector.to_record(),
+        "canonical_size": shard_cfg.canonical_size,
+        "canonical_margin": shard_cfg.canonical_margin,
+        "split_by": shard_cfg.split_by,
+        "val_fraction": shard_cfg.val_fraction,
+        "seed": shard_cfg.seed,
+        "seconds": round(seconds, 2),
+    }

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 
-import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -13,7 +11,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from fkd_core.detect import DetectorConfig
 from fkd_core.examples import BoxMapping, LabelledRow
 from fkd_core.geometry import CropPolicy
-from fkd_core.ingest import IngestShardConfig, ShardResult, ingest_misses, ingest_shard, read_rows
+from fkd_core.ingest import (
+    IngestShardConfig,
+    ShardResult,
+    fit_box_mapping,
+    ingest_misses,
+    ingest_report,
+    ingest_shard,
+    read_rows,
+)
 from fkd_core.layout import IngestOutput
 from fkd_core.parquet_io import EXAMPLES_SCHEMA, write_table
 from fkd_core.storage import url_to_fs, write_json
@@ -64,73 +70,46 @@ def ingest(cfg: IngestConfig) -> dict:
     log = get_run_logger()
     t0 = time.perf_counter()
     output = IngestOutput(cfg.out)
-    examples_uri = output.examples
-    settings = IngestShardConfig(
-        images=cfg.images,
-        split_by=cfg.split_by,
-        val_fraction=cfg.val_fraction,
-        seed=cfg.seed,
-        policy=CropPolicy(),
-        detector=DetectorConfig(),
-    )
+    shard_cfg = IngestShardConfig(
+        images=cfg.images, split_by=cfg.split_by, val_fraction=cfg.val_fraction, seed=cfg.seed,
+        policy=CropPolicy(), detector=DetectorConfig(),
+    )  # fmt: skip
     rows, refused = read_csv(cfg.csv)
     log.info("CSV: %d valid rows, %d refused", len(rows), len(refused))
-    clear_output(examples_uri)
+    clear_output(output.examples)
     shards = list(chunks(rows, cfg.shard_size))
     source = cfg.csv.rsplit("/", 1)[-1]
     with ThreadPoolTaskRunner(max_workers=cfg.workers) as runner:
         futures = [
             runner.submit(
-                process_shard, {"rows": s, "shard": i, "settings": settings, "out": cfg.out, "source": source}
+                process_shard, {"rows": s, "shard": i, "settings": shard_cfg, "out": cfg.out, "source": source}
             )
             for i, s in enumerate(shards)
         ]
         results: list[ShardResult] = [f.result() for f in futures]
-    written = sum(r.written for r in results)
     refused += [m for r in results for m in r.refused]
     misses = [m for r in results for m in r.misses]
-    mapping = BoxMapping.fit(
-        np.array([b for r in results for b in r.kp_boxes]).reshape(-1, 4),
-        np.array([b for r in results for b in r.det_boxes]).reshape(-1, 4),
-    )
+    mapping = fit_box_mapping(results)
     from_keypoints = 0
-    if misses:
-        res = process_shard(misses, len(shards), settings, cfg.out, source, mapping)
+    if misses:  # the faces the detector missed, cropped from their keypoints' box mapped to a detector box
+        res = process_shard(misses, len(shards), shard_cfg, cfg.out, source, mapping)
         from_keypoints = res.written
         refused += res.refused
-    report = {
-        "csv": cfg.csv,
-        "images": cfg.images,
-        "examples": examples_uri,
-        "rows_kept": written + from_keypoints,
-        "rows_refused": len(refused),
-        "refused": refused,
-        "boxes_from_haar": written,
-        "boxes_from_keypoints": from_keypoints,
-        "box_mapping": mapping.to_dict(),
-        "crop_policy": asdict(settings.policy),
-        "detector": settings.detector.to_record(),
-        "canonical_size": settings.canonical_size,
-        "canonical_margin": settings.canonical_margin,
-        "split_by": cfg.split_by,
-        "val_fraction": cfg.val_fraction,
-        "seed": cfg.seed,
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
+    from_detector = sum(r.written for r in results)
+    report = ingest_report(cfg.csv, output.examples, shard_cfg, from_detector, from_keypoints, refused, mapping,
+                           time.perf_counter() - t0)  # fmt: skip
     write_report(report, output.report)
     log.info(
         "ingest: %d examples (%d Haar boxes, %d from keypoints), %d refused, %.1f s",
-        report["rows_kept"],
-        written,
-        from_keypoints,
-        len(refused),
-        report["seconds"],
-    )
-    summary = {
-        k: report[k] for k in ("rows_kept", "rows_refused", "boxes_from_haar", "boxes_from_keypoints", "seconds")
-    }
-    body = "# Ingest report\n\n" + markdown_table([summary])
-    if refused:
-        body += "\n\n## Refused rows (first 50)\n\n" + "\n".join(f"- {r}" for r in refused[:50])
-    create_markdown_artifact(key="ingest-report", markdown=body, description="fkd ingest")
+        report["rows_kept"], from_detector, from_keypoints, len(refused), report["seconds"],
+    )  # fmt: skip
+    _report_artifact(report)
     return report
+
+
+def _report_artifact(report: dict) -> None:
+    keys = ("rows_kept", "rows_refused", "boxes_from_haar", "boxes_from_keypoints", "seconds")
+    body = "# Ingest report\n\n" + markdown_table([{k: report[k] for k in keys}])
+    if report["refused"]:
+        body += "\n\n## Refused rows (first 50)\n\n" + "\n".join(f"- {r}" for r in report["refused"][:50])
+    create_markdown_artifact(key="ingest-report", markdown=body, description="fkd ingest")
