@@ -146,6 +146,8 @@ def annotate_images(
     with ThreadPoolExecutor(1) as model, ThreadPoolExecutor(threads) as pool:
         pending: deque = deque()
         for u, d in reads:
+            # checked as each file is read: a shard whose files are all read already finishes the few in flight
+            # and writes its parts (harmless: parts are idempotent, and the run is recorded as stopped)
             if stop is not None and stop.is_set():
                 raise ShardCancelled("the run is stopping")
             pending.append(pool.submit(_prepare, u, d, predictor, s))

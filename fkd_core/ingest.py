@@ -38,6 +38,7 @@ class IngestShardConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     canonical_size: int = CANONICAL_SIZE
     canonical_margin: float = CANONICAL_MARGIN
+    follow_links_out: bool = False  # read images that links in the images directory lead to outside it
 
 
 @dataclass
@@ -85,9 +86,11 @@ class _Rows:
         return tbl
 
 
-def read_rows(rows: list[LabelledRow], images: str) -> Iterator[tuple[LabelledRow, bytes | ImageError]]:
+def read_rows(
+    rows: list[LabelledRow], images: str, links_out: bool = False
+) -> Iterator[tuple[LabelledRow, bytes | ImageError]]:
     """Each row with its image file's bytes, or the error reading them raised (``storage.read_under``)."""
-    for row, (_, data) in zip(rows, read_under(images, [r.image_id for r in rows]), strict=True):
+    for row, (_, data) in zip(rows, read_under(images, [r.image_id for r in rows], links_out), strict=True):
         yield row, data
 
 

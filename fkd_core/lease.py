@@ -21,7 +21,8 @@ to delete ``n`` at once, a concurrent lister could see neither, find the directo
 beside the real holder. So:
 
 * release rewrites the holder's own record as released (``"released": true``, expiring at once), a tombstone
-  that frees the lease for the next acquirer regardless of clocks; it never touches another holder's file;
+  that frees the lease for the next acquirer regardless of clocks (on a full disk, a compact tombstone written in
+  the record's own blocks); it never touches another holder's file;
 * a winner keeps its predecessor and deletes only generations below it (best effort), so a directory holds at
   most two records (plus strays of failed clean-ups) and never empties once used;
 * a winner lists once more after its create and steps back (deleting its own, not-newest file) if a newer
@@ -73,7 +74,7 @@ from typing import Any
 import fsspec.asyn
 
 from fkd_core.errors import FkdError, OutputNotWritable, UserError, is_transient, output_error
-from fkd_core.storage import check_bucket, is_local, join_uri, url_to_fs
+from fkd_core.storage import check_bucket, is_local, join_uri, overwrite_in_place, url_to_fs
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=-]*")
 _MAX_TTL = 86_400.0  # a record claiming a longer ttl is read as having this lease's own
@@ -283,6 +284,10 @@ class _LocalStore:
         except BaseException as e:
             self._unlink_quietly(tmp)
             raise output_error(e, key) if isinstance(e, OSError) else e from None
+
+    def overwrite(self, key: str, data: bytes) -> None:
+        """Rewrite ``key`` in place (what a full disk still allows): see ``storage.overwrite_in_place``."""
+        overwrite_in_place(key, data)
 
     def delete(self, key: str) -> None:
         try:
@@ -787,9 +792,12 @@ class Lease:
             except FileNotFoundError:
                 return False
             except OutputNotWritable:
-                # a full disk cannot take the released record; removing ours frees the lease all the same
+                # a full disk has no room for a second copy: a compact tombstone in the record's own blocks (the
+                # newest record is never deleted, see above)
                 try:
-                    self._store.delete(key)
+                    self._store.overwrite(
+                        key, json.dumps({"token": token, "released": True, "expires_at": now}).encode()
+                    )
                     return True
                 except Exception as e:
                     self.renew_errors.append((_iso(_now()), f"release: {type(e).__name__}: {e}", False))

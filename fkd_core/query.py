@@ -24,6 +24,10 @@ def connect(out: str) -> duckdb.DuckDBPyConnection:
     return con
 
 
+class NoSuchImage(UserError):
+    """No image, or more than one, matches the name asked for."""
+
+
 @dataclass
 class ImageFaces:
     """One image's faces as the latest run that annotated it wrote them."""
@@ -45,16 +49,16 @@ class ImageFaces:
 
 def image_faces(out: str, image: str, run_id: str | None = None) -> ImageFaces:
     """The faces of the image whose URI is ``image`` or ends with it, from the latest run (or run ``run_id``) under
-    ``out``; a name matching no image, or several, is a :class:`UserError` saying so."""
+    ``out``; a name matching no image, or several, is a :class:`NoSuchImage` saying so."""
     con = connect(out)
     cond = "run_id = $run" if run_id else "true"
     run = {"run": run_id} if run_id else {}
     sql = f"select distinct image_uri from images where (image_uri = $img or image_uri like '%' || $img) and {cond}"
     uris = [r[0] for r in con.sql(sql, params={"img": image, **run}).fetchall()]
     if not uris:
-        raise UserError(f"no image matching {image!r} in {out}")
+        raise NoSuchImage(f"no image matching {image!r} in {out}")
     if len(uris) > 1:
-        raise UserError(f"{image!r} matches {len(uris)} images, e.g. {uris[:3]}")
+        raise NoSuchImage(f"{image!r} matches {len(uris)} images, e.g. {uris[:3]}")
     uri = uris[0]
     latest = con.sql(f"select max(run_id) from images where image_uri = $u and {cond}", params={"u": uri, **run})
     latest = latest.fetchall()[0][0]

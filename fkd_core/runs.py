@@ -16,10 +16,10 @@ import socket
 import threading
 from collections.abc import Callable
 
-from fkd_core.errors import RunConflict, SourceNotFound
+from fkd_core.errors import OutputNotWritable, RunConflict, SourceNotFound
 from fkd_core.layout import AnnotateOutput
 from fkd_core.parquet_io import dataset
-from fkd_core.storage import check_bucket, exists, is_local, read_json, url_to_fs, write_json
+from fkd_core.storage import check_bucket, exists, is_local, overwrite_in_place, read_json, url_to_fs, write_json
 
 HEARTBEAT_SECONDS = 30.0
 STALE_HEARTBEATS = 4  # a record silent for this many beats belongs to a dead process
@@ -77,7 +77,13 @@ class RunRecord:
             self._thread.join(timeout=self.heartbeat_seconds + 5)
         with self._lock:
             self.doc.update(fields, status=status, finished_at=utcnow().isoformat())
-            write_json(self.doc, self.uri)
+            try:
+                write_json(self.doc, self.uri)
+            except OutputNotWritable:
+                # a full disk has no room for a second copy: say how the run ended in the record's own blocks
+                if not is_local(url_to_fs(self.uri)[0]):
+                    raise
+                overwrite_in_place(self.uri, json.dumps(self.doc, indent=2, sort_keys=True, default=str).encode())
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_seconds):

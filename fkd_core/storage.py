@@ -439,14 +439,14 @@ def iter_read(
             yield head, fut.result()
 
 
-def read_under(base: str, names: Iterable[str]) -> Iterator[tuple[str, bytes | ImageError]]:
+def read_under(base: str, names: Iterable[str], links_out: bool = False) -> Iterator[tuple[str, bytes | ImageError]]:
     """Each of ``names`` (relative to ``base``) with its bytes, or the error reading it raised: ``iter_read`` over
     their URIs, so remote stores are read a few files ahead, as consumed. In a local ``base``, a name that
-    resolves outside it (a link out, ``..``) is not opened: its error says where it leads."""
+    resolves outside it (a link out, ``..``) is not opened unless ``links_out``: its error says where it leads."""
     names = list(names)
     fs, root = url_to_fs(base)
     refused: dict[str, ImageError] = {}
-    if is_local(fs):
+    if is_local(fs) and not links_out:
         for n in names:
             why = leaves(join_uri(root, n), root, "images directory")
             if why is not None:
@@ -482,6 +482,23 @@ def write_bytes(data: bytes, uri: str) -> None:
             raise output_error(e, path) if isinstance(e, OSError) else e from None
     else:
         fs.pipe_file(path, data)
+
+
+def overwrite_in_place(uri: str, data: bytes) -> None:
+    """Rewrite an existing local file in place, for when :func:`write_bytes` cannot: a full disk has no room for a
+    second copy, but usually still for new bytes in the blocks the file already holds. Not atomic: a reader may
+    see it partial for a moment (readers of run records and leases treat that as unreadable). Local files only."""
+    fs, path = url_to_fs(uri)
+    if not is_local(fs):
+        raise ValueError(f"{uri}: in-place rewrites are for local files")
+    try:
+        with open(path, "r+b") as f:
+            f.write(data)
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise output_error(e, path) from None
 
 
 def _remove_quietly(path: str) -> None:

@@ -287,9 +287,24 @@ def training_state(
     }
 
 
+_STATE_KEYS = ("epoch", "model", "optimizer", "scheduler", "average", "history", "best_state", "best_score")
+_STATE_KEYS += ("since_best", "rng")
+
+
 def _check_resumable(state: dict, params: FitConfig, model_cfg, train, val) -> None:
-    if state.get("format") != "fkd-train-state/1" or state.get("key") != _resume_key(params, model_cfg, train, val):
-        raise ValueError("this training state is from another run (recipe, network or data differ)")
+    why = why_not_resumable(state, params, model_cfg, train, val)
+    if why:
+        raise ValueError(why)
+
+
+def why_not_resumable(state: dict, params: FitConfig, model_cfg, train, val) -> str | None:
+    """Why :func:`fit` cannot go on from ``state`` with these arguments (another fkd's format, another recipe,
+    network or data), or None if it can."""
+    if state.get("format") != "fkd-train-state/1" or any(k not in state for k in _STATE_KEYS):
+        return "this training state was written by another version of fkd"
+    if state.get("key") != _resume_key(params, model_cfg, train, val):
+        return "this training state is from another run (recipe, network or data differ)"
+    return None
 
 
 def _restore(state: dict, model, opt, sched, ema, rng: np.random.Generator, device) -> None:

@@ -17,7 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from fkd_core import image_io
 from fkd_core.annotate import ShardConfig, ShardCounts, annotate_to_tables, read_window
-from fkd_core.errors import OutputNotWritable, RunConflict, UserError
+from fkd_core.errors import RunConflict, UserError
 from fkd_core.layout import AnnotateOutput
 from fkd_core.lease import Lease, LeaseUnsupported, default_holder
 from fkd_core.parquet_io import FACES_SCHEMA, IMAGES_SCHEMA, dataset, write_table
@@ -278,7 +278,7 @@ def _annotate(cfg: AnnotateConfig, predictor: Predictor, run_id: str, log, lease
         totals, pending = _run_shards(cfg, run_id, shards, log, leases)
         counts = run_counts(cfg.out, run_id)
     except BaseException as e:
-        _record_stopped(record, e, leases, run_id, log)
+        _record_stopped(record, e, run_id, log)
         raise
     seconds = time.perf_counter() - t0
     record.finish(
@@ -325,17 +325,12 @@ def _new_plan(cfg: AnnotateConfig, run_id: str, output: AnnotateOutput, log, lea
     return shards, doc | ({"warnings": warnings} if warnings else {})
 
 
-def _record_stopped(record: RunRecord, e: BaseException, leases: list[Lease], run_id: str, log) -> None:
+def _record_stopped(record: RunRecord, e: BaseException, run_id: str, log) -> None:
     """Record a run that stopped: an Exception is a failure; anything else (SIGTERM as Prefect's
     TerminationSignal, Ctrl-C) an interruption. The run's own error is the one raised, not the record's."""
     status = "failed" if isinstance(e, Exception) else "interrupted"
     try:
-        try:
-            record.finish(status, error=_describe(e))
-        except OutputNotWritable:  # a full disk: the leases' records make room for the run's
-            for lease in leases:
-                lease.release()
-            record.finish(status, error=_describe(e))
+        record.finish(status, error=_describe(e))  # on a full disk, in the record's own blocks
     except Exception as write_error:
         log.warning("could not record run %s as %s: %s", run_id, status, write_error)
 

@@ -358,15 +358,16 @@ def show(
 ) -> None:
     """Draw an image's boxes and keypoints from OUT to a PNG, each face coloured by its quality (green: keypoints
     likely right, through yellow, to red: P(NME > 0.10) of 0.5 or more) and labelled with quality and face_prob."""
-    from fkd_core.errors import UserError
     from fkd_core.image_io import read_gray
     from fkd_core.plots import draw_faces, png_bytes
-    from fkd_core.query import image_faces
+    from fkd_core.query import NoSuchImage, image_faces
 
     try:
         found = image_faces(out, image, run_id)
-    except UserError as e:
+    except NoSuchImage as e:
         raise typer.BadParameter(str(e), param_hint="IMAGE") from None
+    except FileNotFoundError as e:  # not an annotate output, as `fkd query` says
+        raise typer.BadParameter(str(e), param_hint="OUT") from None
     img = draw_faces(
         read_gray(found.uri).gray, found.boxes, found.keypoints, quality=found.quality, labels=found.labels(),
         max_side=max_side,

@@ -77,6 +77,9 @@ class IngestConfig(BaseModel):
     seed: int = Field(0, description="Seed of the split hash")
     shard_size: int = Field(500, ge=1, le=100_000, description="Images per task")
     workers: int = Field(2, ge=1, le=64, description="Shards processed at once")
+    follow_links_out: bool = Field(
+        False, description="Read images that links in IMAGES lead to outside it (off: such rows are errors)"
+    )
 
 
 class EvaluateConfig(BaseModel):
@@ -102,6 +105,9 @@ class EvaluateConfig(BaseModel):
     shard_size: int = Field(500, ge=1, description="Labelled rows per task")
     workers: int = Field(2, ge=1, le=64, description="Shards scored at once")
     worst: int = Field(12, ge=0, le=100, description="Faces in the worst-case montage")
+    follow_links_out: bool = Field(
+        False, description="Read images that links in IMAGES lead to outside it (off: such rows are errors)"
+    )
 
     _settings = model_validator(mode="after")(resolve_settings)
 

@@ -30,14 +30,19 @@ from .configs import EvaluateConfig
 
 
 @task(**IO_RETRY)
-def score_shard(rows: list[LabelledRow], images: str, model: str, detector: str | None = None) -> list[FaceResult]:
+def score_shard(
+    rows: list[LabelledRow], images: str, model: str, detector: str | None = None, links_out: bool = False
+) -> list[FaceResult]:
     """Read a shard's images (one at a time) and score its labelled faces."""
     image_ids = list(dict.fromkeys(r.image_id for r in rows))
-    return evaluate_rows(rows, read_under(images, image_ids), Predictor.from_checkpoint(model, detector=detector))
+    reads = read_under(images, image_ids, links_out)
+    return evaluate_rows(rows, reads, Predictor.from_checkpoint(model, detector=detector))
 
 
 @task(**IO_RETRY)
-def write_outputs(doc: dict, results: list[FaceResult], out: str, images: str, worst_k: int, title: str) -> None:
+def write_outputs(
+    doc: dict, results: list[FaceResult], out: str, images: str, worst_k: int, title: str, links_out: bool = False
+) -> None:
     """metrics.json, faces.parquet, risk_coverage.png and worst.png (the worst faces' images read again)."""
     write_json(doc, join_uri(out, "metrics.json"))
     write_table(results_table(results), join_uri(out, "faces.parquet"))
@@ -46,7 +51,7 @@ def write_outputs(doc: dict, results: list[FaceResult], out: str, images: str, w
         write_bytes(curve, join_uri(out, "risk_coverage.png"))
     faces = worst(results, worst_k)
     if faces:
-        pixels = dict(read_under(images, dict.fromkeys(r.row.image_id for r in faces)))
+        pixels = dict(read_under(images, dict.fromkeys(r.row.image_id for r in faces), links_out))
         pixels = {k: v for k, v in pixels.items() if not isinstance(v, Exception)}
         faces = [r for r in faces if r.row.image_id in pixels]
         write_bytes(png_bytes(worst_montage(faces, pixels)), join_uri(out, "worst.png"))
@@ -66,7 +71,16 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     log.info("evaluating %s on %d labelled faces (%s split by %s)", model_id, len(rows), cfg.split, split_by)
     with ThreadPoolTaskRunner(max_workers=cfg.workers) as runner:
         futures = [
-            runner.submit(score_shard, {"rows": s, "images": cfg.images, "model": cfg.model, "detector": cfg.detector})
+            runner.submit(
+                score_shard,
+                {
+                    "rows": s,
+                    "images": cfg.images,
+                    "model": cfg.model,
+                    "detector": cfg.detector,
+                    "links_out": cfg.follow_links_out,
+                },
+            )  # fmt: skip
             for s in chunks(rows, cfg.shard_size)
         ]
         results = [r for f in futures for r in f.result()]
@@ -96,9 +110,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             fitted_auroc,
         )
     title = f"{model_id}, {cfg.split} split by {split_by}"
-    write_outputs(
-        doc, results, cfg.out, cfg.images, cfg.worst if any(r.status == "matched" for r in results) else 0, title
-    )
+    worst_k = cfg.worst if any(r.status == "matched" for r in results) else 0
+    write_outputs(doc, results, cfg.out, cfg.images, worst_k, title, cfg.follow_links_out)
     _artifacts(doc, predictor, log)
     return doc
 

@@ -40,7 +40,7 @@ def process_shard(
 ) -> ShardResult:
     """Read a shard's images, crop them, and write its examples part (idempotent: a retry rewrites the part).
     With ``mapping``, the rows are ones the detector missed, cropped with boxes derived from their keypoints."""
-    reads = read_rows(rows, settings.images)
+    reads = read_rows(rows, settings.images, settings.follow_links_out)
     if mapping is None:
         result, table = ingest_shard(reads, settings, source)
     else:
@@ -72,7 +72,7 @@ def ingest(cfg: IngestConfig) -> dict:
     output = IngestOutput(cfg.out)
     shard_cfg = IngestShardConfig(
         images=cfg.images, split_by=cfg.split_by, val_fraction=cfg.val_fraction, seed=cfg.seed,
-        policy=CropPolicy(), detector=DetectorConfig(),
+        policy=CropPolicy(), detector=DetectorConfig(), follow_links_out=cfg.follow_links_out,
     )  # fmt: skip
     rows, refused = read_csv(cfg.csv)
     log.info("CSV: %d valid rows, %d refused", len(rows), len(refused))

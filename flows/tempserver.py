@@ -45,18 +45,38 @@ def _free_port() -> int:
 
 
 def check_prefect_home() -> None:
-    """Without ``PREFECT_API_URL`` in the environment, refuse in one line a ``PREFECT_HOME`` that cannot be created
-    or written: a temporary server could not keep its database there, and Prefect would retry starting it without
-    end. Checked before Prefect is imported (which warns about it, and goes on)."""
+    """Without a Prefect API to report to, refuse in one line a ``PREFECT_HOME`` that cannot be created or written:
+    a temporary server could not keep its database there, and Prefect would retry starting it without end.
+
+    Checked first from the environment, before Prefect is imported (which warns about such a home, and goes on);
+    only if that check fails are Prefect's own settings (its profile, ``prefect.toml``) asked whether an API URL
+    or another home is set there."""
     if os.environ.get("PREFECT_API_URL"):
         return
     home = os.path.expanduser(os.environ.get("PREFECT_HOME") or "~/.prefect")
     try:
         check_writable(home, f"PREFECT_HOME {home}")
+        return
     except UserError as e:
-        raise UserError(
-            f"{e}; set PREFECT_HOME to a writable directory, or PREFECT_API_URL to a Prefect server"
-        ) from None
+        refusal = e
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Prefect warns that it cannot create the home we are about to name
+        from prefect.settings import get_current_settings
+
+        settings = get_current_settings()
+    if settings.api.url:
+        return
+    if os.path.realpath(settings.home) != os.path.realpath(home):
+        try:
+            check_writable(str(settings.home), f"PREFECT_HOME {settings.home}")
+            return
+        except UserError as e:
+            refusal = e
+    raise UserError(
+        f"{refusal}; set PREFECT_HOME to a writable directory, or PREFECT_API_URL to a Prefect server"
+    ) from None
 
 
 @contextmanager

@@ -132,7 +132,7 @@ def train(cfg: TrainConfig) -> dict:
     first, align, first_val = _refining_stage_inputs(cfg, crops, train_xy, val_xy, log)
     start = start_model(load_checkpoint(cfg.init) if cfg.init else None, first, cfg.input_size)
     progress = _EpochProgress(cfg, log)
-    state_at, state = _resumable_state(cfg, fingerprint, log)
+    state_at, state = _resumable_state(cfg, fingerprint, start, train_xy, val_xy, log)
     if state is not None:
         progress.at(state["epoch"])
     model, history = fit(
@@ -200,18 +200,32 @@ def _refining_stage_inputs(cfg: TrainConfig, crops: CropRecord, train_xy, val_xy
     return first, align, first_val
 
 
-def _resumable_state(cfg: TrainConfig, fingerprint: dict, log) -> tuple[str, dict | None]:
-    """Where this run keeps its state after each epoch, and the state of the same run stopped earlier (or None).
-    The key is what decides the result: the same command on the same data resumes (threads aside)."""
-    key = cfg.model_dump(exclude={"force", "resume", "threads"}) | {"data": fingerprint["sha256"]}
-    key |= {"start": [load_checkpoint(u).model_id for u in (cfg.init, cfg.refine_of) if u]}
-    state_at = resume.state_uri(cfg.out_dir, cfg.name, key)
+def _resumable_state(cfg: TrainConfig, fingerprint: dict, start, train_xy, val_xy, log) -> tuple[str, dict | None]:
+    """Where this run keeps its state after each epoch, and the state of the same run stopped earlier (or None:
+    none, unreadable, or not one this run can go on from, which is said and started over). The key is what decides
+    the result: the same command on the same data resumes (threads aside)."""
+    from fkd_core.train import why_not_resumable
+
+    state_at = state_location(cfg, fingerprint)
     state, why_not = resume.load_state(state_at) if cfg.resume else (None, None)
+    if state is not None:
+        model_cfg = start.cfg if start is not None else NaimishNetConfig(input_size=cfg.input_size)
+        why_not = why_not_resumable(state, cfg.params(), model_cfg, train_xy, val_xy)
+        if why_not:
+            why_not, state = f"{state_at}: {why_not}; starting over", None
     if why_not:
         log.warning(why_not)
     if state is not None:
         log.info("resuming after epoch %d of a stopped run (state %s)", state["epoch"], state_at)
     return state_at, state
+
+
+def state_location(cfg: TrainConfig, fingerprint: dict) -> str:
+    """Where a run keeps its training state: keyed by everything that decides its result but ``threads``,
+    ``force`` and ``resume`` (the data by its fingerprint, start checkpoints by their ids)."""
+    key = cfg.model_dump(exclude={"force", "resume", "threads"}) | {"data": fingerprint["sha256"]}
+    key |= {"start": [load_checkpoint(u).model_id for u in (cfg.init, cfg.refine_of) if u]}
+    return resume.state_uri(cfg.out_dir, cfg.name, key)
 
 
 def _history_artifact(cfg: TrainConfig, history: History) -> None:

@@ -513,7 +513,9 @@ def test_compose_services_report_health_within_bounded_time():
     assert services["create-buckets"]["depends_on"]["s3"]["condition"] == "service_healthy"
 
 
-def _create_buckets(tmp_path, alias_fails: bool) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+def _create_buckets(
+    tmp_path, alias_fails: bool, attach_says: str | None = None
+) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
     """Run create-buckets' script as compose hands it to the container's shell, with an `mc` that records its
     arguments (and refuses the root credentials if asked) and a `sleep` that returns at once."""
     _, services = _compose()
@@ -524,6 +526,8 @@ def _create_buckets(tmp_path, alias_fails: bool) -> tuple[subprocess.CompletedPr
     calls = tmp_path / "calls"
     mc = bin_dir / "mc"
     fail = 'if [ "$1 $2" = "alias set" ]; then exit 1; fi' if alias_fails else ""
+    if attach_says:  # mc refuses the attach with this message
+        fail += f'\nif [ "$1 $2 $3" = "admin policy attach" ]; then echo "{attach_says}" >&2; exit 1; fi'
     keep_policy = f'if [ "$1 $2 $3" = "admin policy create" ]; then cp "$6" {tmp_path}/policy.json; fi'
     mc.write_text(f'#!/bin/sh\nprintf "%s\\037" "$@" >> {calls}; echo >> {calls}\n{fail}\n{keep_policy}\n')
     (bin_dir / "sleep").write_text("#!/bin/sh\n")
@@ -557,3 +561,10 @@ def test_create_buckets_makes_the_buckets_and_a_worker_user_limited_to_them(tmp_
     actions = {a for st in policy["Statement"] for a in st["Action"]}
     assert not any(a.startswith("admin:") or a == "s3:*" for a in actions)
     assert {"s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket"} <= actions
+
+
+@pytest.mark.parametrize("message,ok", [("policy is already attached to the user", True), ("Access Denied.", False)])
+def test_create_buckets_passes_a_rerun_s_attach_and_fails_any_other_refusal(tmp_path, message, ok):
+    done, calls = _create_buckets(tmp_path, alias_fails=False, attach_says=message)
+    assert (done.returncode == 0) is ok, done.stderr
+    assert ok or f"create-buckets: {message}" in done.stderr

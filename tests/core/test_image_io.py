@@ -171,3 +171,6 @@ def test_a_link_out_of_a_directory_is_not_read(tmp_path):
     for name in ("out.jpg", "dir/secret.jpg"):
         assert isinstance(reads[name], ImageError)
         assert str(reads[name]) == f"link leaves the images directory (-> {outside / 'secret.jpg'})"
+    # asked to (ingest and evaluate's --follow-links-out: a symlinked dataset), links out are read
+    followed_reads = dict(read_under(str(src), ["out.jpg", "dir/secret.jpg"], links_out=True))
+    assert followed_reads == {"out.jpg": b"\xff\xd8\xff secret", "dir/secret.jpg": b"\xff\xd8\xff secret"}

@@ -478,13 +478,14 @@ def test_an_unreadable_record_dated_in_the_future_expires_like_any_other(tmp_pat
 
 def test_a_live_holder_that_renews_is_never_taken_over(tmp_path):
     """The cap counts from the record's last change: a holder that renews every ttl/3 keeps its lease."""
-    holder = Lease(str(tmp_path), "job", ELSEWHERE, ttl=0.6)
+    # a 3 s ttl renewed every second: a renewal would have to run 2 s late to lose it, even on a loaded machine
+    holder = Lease(str(tmp_path), "job", ELSEWHERE, ttl=3.0)
     assert holder.try_acquire()
     holder.start_renewing()
-    other = Lease(str(tmp_path), "job", {"run_id": "next"}, ttl=0.6)
+    other = Lease(str(tmp_path), "job", {"run_id": "next"}, ttl=3.0)
     try:
         with pytest.raises(LeaseHeld):
-            other.acquire(poll=0.05, timeout=2.0)
+            other.acquire(poll=0.1, timeout=6.0)  # twice the ttl: without renewal it would have been taken
         holder.check()
     finally:
         holder.release()

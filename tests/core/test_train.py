@@ -193,6 +193,14 @@ def test_a_run_starts_from_the_weights_its_recipe_names():
 def test_a_run_resumed_from_any_epochs_state_ends_bit_for_bit_as_an_uninterrupted_one(schedule, ema_decay):
     """Weights, optimiser, average, schedule, early stopping and every random generator (the augmentation's and
     dropout's) are in the state: a resumed run is the same run. The state loads without pickled code."""
+    threads = torch.get_num_threads()
+    try:
+        _resume_and_compare(schedule, ema_decay)
+    finally:
+        torch.set_num_threads(threads)  # later tests in this process keep every core
+
+
+def _resume_and_compare(schedule: str, ema_decay: float) -> None:
     import io
 
     crops, kp = _toy()

@@ -227,10 +227,12 @@ def test_cli_query_and_show(tmp_path, sample_dir, model_path):
         cmd = [str(BIN / "fkd"), "show", str(out), "the_beatles.jpg", "--png", str(big), *args]
         assert "4 face(s)" in subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         assert max(cv2.imread(str(big)).shape[:2]) == side
-    bad = subprocess.run(
-        [str(BIN / "fkd"), "query", str(tmp_path / "nothing"), "select 1"], capture_output=True, text=True
-    )
-    assert bad.returncode != 0 and "no images/ table" in bad.stdout + bad.stderr
+    for cmd in (["query", str(tmp_path / "nothing"), "select 1"], ["show", str(tmp_path / "nothing"), "x.jpg"]):
+        bad = subprocess.run([str(BIN / "fkd"), *cmd], capture_output=True, text=True)
+        said = bad.stdout + bad.stderr
+        assert bad.returncode == 2 and "no images/ table" in said and "Traceback" not in said, said
+    nothing = subprocess.run([str(BIN / "fkd"), "show", str(out), "nosuch.jpg"], capture_output=True, text=True)
+    assert nothing.returncode == 2 and "no image matching 'nosuch.jpg'" in nothing.stderr
 
 
 def test_bad_checkpoint_fails_before_any_shard(tmp_path, sample_dir):

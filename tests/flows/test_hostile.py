@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -485,8 +486,12 @@ def _own_mounts(script: str, env: dict, timeout: float = 240) -> subprocess.Comp
 def test_an_unwritable_output_or_prefect_home_is_one_line_before_any_server_starts(tmp_path, sample_dir, model_path):
     """The worker image with a volume its user cannot write: one line naming the place and exit 2, at once (Prefect
     would retry starting its server in a home it cannot create, without end)."""
-    ro = tmp_path / "ro"
+    ro, profiled = tmp_path / "ro", tmp_path / "profiled"
     ro.mkdir()
+    profiled.mkdir()
+    (tmp_path / "profiles.toml").write_text(
+        'active = "default"\n[profiles.default]\nPREFECT_API_URL = "http://127.0.0.1:9/api"\n'
+    )
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"FKD_MODEL": model_path}
     fkd = f"{BIN / 'fkd'} annotate {sample_dir / 'images'}"
     script = f"""mount -t tmpfs -o ro,size=1m tmpfs {ro}
@@ -494,7 +499,12 @@ def test_an_unwritable_output_or_prefect_home_is_one_line_before_any_server_star
         {fkd} {ro}/out 2>&1 && exit 9 || echo "exit $?"
         PREFECT_HOME={ro}/prefect {fkd} {tmp_path}/out 2>&1 && exit 9 || echo "exit $?"
         PREFECT_HOME={ro}/prefect timeout 60 {BIN / "fkd"} serve 2>&1 | tail -1
-        echo "took $(( $(date +%s) - t0 )) s" """
+        echo "took $(( $(date +%s) - t0 )) s"
+        mount -t tmpfs tmpfs {profiled}
+        cp {tmp_path}/profiles.toml {profiled}/
+        mount -o remount,ro {profiled}
+        PREFECT_HOME={profiled} {sys.executable} -c "from fkd_flows.tempserver import check_prefect_home as c; c()" \\
+            && echo "a read-only home whose profile names an API is no refusal" """
     lines = _own_mounts(script, env).stdout.splitlines()
     assert lines[:4] == [
         f"fkd: output {ro}/out is not writable (its parent {ro}): Read-only file system (errno 30)",
@@ -504,7 +514,10 @@ def test_an_unwritable_output_or_prefect_home_is_one_line_before_any_server_star
         "exit 2",
     ], lines
     assert lines[4] == lines[2], lines  # `fkd serve` (Prefect's own server there) refuses it the same way
-    assert int(lines[5].split()[1]) < 90, lines  # a few seconds of imports each; no server, no retries
+    assert int(lines[5].split()[1]) < 90, lines
+    assert lines[6:] == ["a read-only home whose profile names an API is no refusal"], (
+        lines
+    )  # a few seconds of imports each; no server, no retries
     assert not (tmp_path / "out").exists()
 
 
@@ -538,8 +551,9 @@ def test_an_output_that_fills_up_or_turns_read_only_mid_run_is_one_line_and_leav
     parts = {p.name for p in (seen / "images" / "run_id=f").iterdir()}
     assert parts and len(parts) < 15 and parts == {p.name for p in (seen / "faces" / "run_id=f").iterdir()}
     record = json.loads((seen / "runs" / "f.json").read_text())
-    if fault == "full":  # the leases' records made room for it
+    if fault == "full":  # rewritten in the record's own blocks, as are the leases' tombstones
         assert record["status"] == "failed" and errno_text in record["error"]
-        assert not list((seen / "locks").glob("*")), "the run's lock outlived it"
+        locks = [json.loads(p.read_text()) for p in (seen / "locks").glob("*.json")]
+        assert locks and all(rec.get("released") is True for rec in locks), "the run's lock outlived it"
     else:  # nothing could be written: the record stays running, and its heartbeat stops (test_annotate)
         assert record["status"] == "running"

@@ -277,3 +277,18 @@ def test_a_killed_training_run_resumes_where_it_stopped_and_ends_as_an_uninterru
     doc = json.loads(Path(resumed["weights"]).with_suffix(".json").read_text())
     assert doc["train"]["resumed_after_epoch"] in (1, 2) and len(doc["history"]["epochs"]) == 3
     assert not list(states.iterdir()), "the finished run left its state behind"
+
+
+def test_a_leftover_state_this_run_cannot_go_on_from_is_reported_and_training_starts_over(tmp_path, examples):
+    """A state file under the run's name that another fkd wrote (or that does not match) never blocks a rerun."""
+    from fkd_core import resume
+    from fkd_flows.configs import TrainConfig
+    from fkd_flows.train import data_fingerprint, state_location
+
+    cfg = dict(examples=examples, epochs=1, batch_size=16, seed=3, threads=1, out_dir=str(tmp_path / "m"))
+    at = state_location(TrainConfig(**cfg), data_fingerprint.fn(examples))
+    resume.save_state(at, {"format": "fkd-train-state/0", "epoch": 7})
+    doc = train(**cfg)
+    record = json.loads(Path(doc["weights"]).with_suffix(".json").read_text())
+    assert doc["epochs_run"] == 1 and record["train"]["resumed_after_epoch"] is None
+    assert not Path(at).exists()
