@@ -73,8 +73,8 @@ from typing import Any
 
 import fsspec.asyn
 
-from fkd_core.errors import FkdError, OutputNotWritable, UserError, is_transient, output_error
-from fkd_core.storage import check_bucket, is_local, join_uri, overwrite_in_place, url_to_fs
+from fkd_core.errors import FkdError, OutputNotWritable, UserError, is_transient
+from fkd_core.storage import check_bucket, is_local, join_uri, overwrite_in_place, removed_on_failure, url_to_fs
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=-]*")
 _MAX_TTL = 86_400.0  # a record claiming a longer ttl is read as having this lease's own
@@ -229,22 +229,11 @@ class _LocalStore:
 
     def _tmp(self, key: str, data: bytes) -> str:
         tmp = f"{self.dir}/.{key.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException as e:  # a full disk leaves no empty temporary record behind
-            self._unlink_quietly(tmp)
-            raise output_error(e, key) if isinstance(e, OSError) else e from None
+        with removed_on_failure(tmp, key), open(tmp, "wb") as f:  # a full disk leaves no empty record behind
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         return tmp
-
-    @staticmethod
-    def _unlink_quietly(path: str) -> None:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
 
     def create(self, key: str, data: bytes) -> bool:
         """Create ``key`` holding ``data`` unless it exists; True if this call created it."""
@@ -267,23 +256,16 @@ class _LocalStore:
             fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException as e:
-            self._unlink_quietly(key)  # a partial record would be an unreadable lease
-            raise output_error(e, key) if isinstance(e, OSError) else e from None
+        with removed_on_failure(key, key), os.fdopen(fd, "wb") as f:  # a partial record would be unreadable
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         return True
 
     def replace(self, key: str, data: bytes) -> None:
         tmp = self._tmp(key, data)
-        try:
+        with removed_on_failure(tmp, key):
             os.replace(tmp, key)
-        except BaseException as e:
-            self._unlink_quietly(tmp)
-            raise output_error(e, key) if isinstance(e, OSError) else e from None
 
     def overwrite(self, key: str, data: bytes) -> None:
         """Rewrite ``key`` in place (what a full disk still allows): see ``storage.overwrite_in_place``."""

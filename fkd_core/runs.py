@@ -19,7 +19,16 @@ from collections.abc import Callable
 from fkd_core.errors import OutputNotWritable, RunConflict, SourceNotFound
 from fkd_core.layout import AnnotateOutput
 from fkd_core.parquet_io import dataset
-from fkd_core.storage import check_bucket, exists, is_local, overwrite_in_place, read_json, url_to_fs, write_json
+from fkd_core.storage import (
+    check_bucket,
+    exists,
+    is_local,
+    json_bytes,
+    overwrite_in_place,
+    read_json,
+    url_to_fs,
+    write_json,
+)
 
 HEARTBEAT_SECONDS = 30.0
 STALE_HEARTBEATS = 4  # a record silent for this many beats belongs to a dead process
@@ -83,7 +92,7 @@ class RunRecord:
                 # a full disk has no room for a second copy: say how the run ended in the record's own blocks
                 if not is_local(url_to_fs(self.uri)[0]):
                     raise
-                overwrite_in_place(self.uri, json.dumps(self.doc, indent=2, sort_keys=True, default=str).encode())
+                overwrite_in_place(self.uri, json_bytes(self.doc))
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_seconds):

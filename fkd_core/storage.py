@@ -190,7 +190,11 @@ def _kind(mode: int) -> str:
 
 def inside(path: str, root: str) -> bool:
     """Whether local ``path`` resolves (links followed) to ``root`` or somewhere under it."""
-    real, top = os.path.realpath(path), os.path.realpath(root)
+    return _under(os.path.realpath(path), os.path.realpath(root))
+
+
+def _under(real: str, top: str) -> bool:
+    """Whether resolved path ``real`` is resolved directory ``top`` or under it."""
     return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
 
 
@@ -215,7 +219,7 @@ def _walk_local(
         errors.append((e.filename or root, f"unreadable directory: {e.strerror or type(e).__name__}"))
 
     def outside(real: str) -> bool:
-        return not links_out and real != top and not real.startswith(top.rstrip(os.sep) + os.sep)
+        return not links_out and not _under(real, top)
 
     for d, dirs, files in os.walk(root, followlinks=True, onerror=unreadable):
         real = os.path.realpath(d)
@@ -459,7 +463,12 @@ def read_under(base: str, names: Iterable[str], links_out: bool = False) -> Iter
 
 def write_json(obj: dict, uri: str) -> None:
     """Write a JSON document atomically (same rule as :func:`write_table`)."""
-    write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), uri)
+    write_bytes(json_bytes(obj), uri)
+
+
+def json_bytes(obj: dict) -> bytes:
+    """A JSON document as fkd writes one (indented, keys sorted, anything else as text)."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
 
 
 def write_bytes(data: bytes, uri: str) -> None:
@@ -473,13 +482,10 @@ def write_bytes(data: bytes, uri: str) -> None:
         parent = path.rsplit("/", 1)[0]
         # Hidden and not ending in .parquet, so neither our readers nor a `*.parquet` glob ever see it.
         tmp = f"{parent}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.tmp"
-        try:
+        with removed_on_failure(tmp, path):  # a full disk, a read-only mount, an interrupt: no temporary file stays
             fs.makedirs(parent, exist_ok=True)
             fs.pipe_file(tmp, data)
             fs.mv(tmp, path)
-        except BaseException as e:  # a full disk, a read-only mount, an interrupt: no temporary file stays
-            _remove_quietly(tmp)
-            raise output_error(e, path) if isinstance(e, OSError) else e from None
     else:
         fs.pipe_file(path, data)
 
@@ -501,11 +507,19 @@ def overwrite_in_place(uri: str, data: bytes) -> None:
         raise output_error(e, path) from None
 
 
-def _remove_quietly(path: str) -> None:
+@contextmanager
+def removed_on_failure(path: str, target: str) -> Iterator[None]:
+    """Remove local ``path`` (a temporary or partial file) if the block fails, however it fails; an ``OSError`` that
+    says the place cannot take the write (a full disk, a read-only mount...) is raised as
+    :class:`~fkd_core.errors.OutputNotWritable` naming ``target``."""
     try:
-        os.unlink(path)
-    except OSError:
-        pass
+        yield
+    except BaseException as e:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise output_error(e, target) if isinstance(e, OSError) else e from None
 
 
 def read_json(uri: str) -> dict | None:

@@ -61,16 +61,19 @@ def check_scheduler(address: str, timeout: float = 10.0) -> None:
 
 def ingest(cfg) -> None:
     """An ingest run's CSV, images and output."""
-    check_exists(cfg.csv, "CSV")
-    check_exists(cfg.images, "images", directory=True)
-    check_output(cfg.out)
+    labelled(cfg.csv, cfg.images, cfg.out)
+
+
+def labelled(csv: str, images: str, out: str) -> None:
+    """A keypoints CSV and its images exist, and the output is somewhere fkd can write (ingest and evaluate)."""
+    check_exists(csv, "CSV")
+    check_exists(images, "images", directory=True)
+    check_output(out)
 
 
 def evaluate(cfg) -> Predictor:
     """An evaluate run's CSV, images, output and model; returns the predictor it scores."""
-    check_exists(cfg.csv, "CSV")
-    check_exists(cfg.images, "images", directory=True)
-    check_output(cfg.out)
+    labelled(cfg.csv, cfg.images, cfg.out)
     # the same cached load the shards use: the CLI's check, the flow and every shard share one checkpoint load
     return Predictor.from_checkpoint(cfg.model, detector=cfg.detector)
 

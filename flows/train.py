@@ -130,9 +130,12 @@ def train(cfg: TrainConfig) -> dict:
     log.info("training on %d examples, validating on %d", len(train_xy[0]), len(val_xy[0]))
     crops = CropRecord.from_report(fingerprint)  # how ingest cut them: the checkpoint carries the same
     first, align, first_val = _refining_stage_inputs(cfg, crops, train_xy, val_xy, log)
-    start = start_model(load_checkpoint(cfg.init) if cfg.init else None, first, cfg.input_size)
+    init = load_checkpoint(cfg.init) if cfg.init else None
+    start = start_model(init, first, cfg.input_size)
     progress = _EpochProgress(cfg, log)
-    state_at, state = _resumable_state(cfg, fingerprint, start, train_xy, val_xy, log)
+    starts = [c.model_id for c in (init, first) if c is not None]
+    state_at = state_location(cfg, fingerprint, starts)
+    state = _resumable_state(cfg, state_at, start, train_xy, val_xy, log)
     if state is not None:
         progress.at(state["epoch"])
     model, history = fit(
@@ -200,13 +203,11 @@ def _refining_stage_inputs(cfg: TrainConfig, crops: CropRecord, train_xy, val_xy
     return first, align, first_val
 
 
-def _resumable_state(cfg: TrainConfig, fingerprint: dict, start, train_xy, val_xy, log) -> tuple[str, dict | None]:
-    """Where this run keeps its state after each epoch, and the state of the same run stopped earlier (or None:
-    none, unreadable, or not one this run can go on from, which is said and started over). The key is what decides
-    the result: the same command on the same data resumes (threads aside)."""
+def _resumable_state(cfg: TrainConfig, state_at: str, start, train_xy, val_xy, log) -> dict | None:
+    """The state the same run, stopped earlier, left at ``state_at`` (or None: none, unreadable, or not one this run
+    can go on from, which is said and started over)."""
     from fkd_core.train import why_not_resumable
 
-    state_at = state_location(cfg, fingerprint)
     state, why_not = resume.load_state(state_at) if cfg.resume else (None, None)
     if state is not None:
         model_cfg = start.cfg if start is not None else NaimishNetConfig(input_size=cfg.input_size)
@@ -217,14 +218,15 @@ def _resumable_state(cfg: TrainConfig, fingerprint: dict, start, train_xy, val_x
         log.warning(why_not)
     if state is not None:
         log.info("resuming after epoch %d of a stopped run (state %s)", state["epoch"], state_at)
-    return state_at, state
+    return state
 
 
-def state_location(cfg: TrainConfig, fingerprint: dict) -> str:
-    """Where a run keeps its training state: keyed by everything that decides its result but ``threads``,
-    ``force`` and ``resume`` (the data by its fingerprint, start checkpoints by their ids)."""
+def state_location(cfg: TrainConfig, fingerprint: dict, starts: list[str] = ()) -> str:
+    """Where a run keeps its state after each epoch: keyed by everything that decides its result but ``threads``,
+    ``force`` and ``resume`` (the data by its fingerprint, the start checkpoints, init's then refine_of's, by
+    their ids), so the same command on the same data resumes."""
     key = cfg.model_dump(exclude={"force", "resume", "threads"}) | {"data": fingerprint["sha256"]}
-    key |= {"start": [load_checkpoint(u).model_id for u in (cfg.init, cfg.refine_of) if u]}
+    key |= {"start": list(starts)}
     return resume.state_uri(cfg.out_dir, cfg.name, key)
 
 
